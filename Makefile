@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine: each creates .venv when missing and
+# (re)installs the project only when pyproject.toml changed.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO := demo_out
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	test -f $(DEMO)/data/train_v2.csv || $(BIN)/planet-batch demo-data $(DEMO)/data
+	$(BIN)/planet-batch show-batch --data $(DEMO)/data --out $(DEMO)/batch.png
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(DEMO)

@@ -1,0 +1,231 @@
+"""Typed job configs: dataclasses loaded from YAML, overridden from the CLI, validated up front.
+
+Every field error names the field (`stages[1].lr: ...`) so a bad config fails before Ray starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+ARCHS = ("resnet18", "resnet34", "resnet50")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One `fit_one_cycle` call of the notebook."""
+
+    name: str
+    size: int
+    epochs: int
+    frozen: bool
+    lr: float | tuple[float, float]
+    # An earlier stage of this config, or a saved stage file (.pt) from another run.
+    # None: continue from the previous stage (the first stage starts from `weights`).
+    start_from: str | None = None
+
+    def __post_init__(self):
+        where = f"stage {self.name!r}"
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"{where}: name must be non-empty without '/'")
+        if self.size <= 0:
+            raise ConfigError(f"{where}: size must be positive, got {self.size}")
+        if self.epochs <= 0:
+            raise ConfigError(f"{where}: epochs must be positive, got {self.epochs}")
+        lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
+        if not all(1e-8 <= v <= 1.0 for v in lrs):
+            raise ConfigError(f"{where}: lr must be in [1e-8, 1], got {self.lr}")
+        if isinstance(self.lr, tuple) and self.lr[0] > self.lr[1]:
+            raise ConfigError(f"{where}: lr [lo, hi] needs lo <= hi, got {list(self.lr)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    stages: tuple[Stage, ...]
+    arch: str = "resnet34"
+    weights: str = "none"  # imagenet | none | path to a state dict
+    batch_size: int = 64
+    valid_pct: float = 0.2
+    seed: int = 42
+    threshold: float = 0.2
+    weight_decay: float = 1e-2
+    dropout: float = 0.5
+    workers: int = 2  # 0: Ray Train local mode, everything in the driver
+    cpus_per_worker: float = 1.0
+    gpu: bool = False
+    torch_threads: int = 0  # 0: the worker's CPU share, at least 1
+    max_failures: int = 3
+    storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch: unknown {self.arch!r}, choose one of {', '.join(ARCHS)}")
+        if not self.stages:
+            raise ConfigError("stages: at least one stage is needed")
+        seen: list[str] = []
+        for i, st in enumerate(self.stages):
+            if st.name in seen:
+                raise ConfigError(f"stages[{i}].name: duplicate stage name {st.name!r}")
+            if st.start_from is not None and not st.start_from.endswith(".pt") and st.start_from not in seen:
+                raise ConfigError(
+                    f"stages[{i}].start_from: {st.start_from!r} is not an earlier stage "
+                    f"(earlier: {seen or 'none'}) nor a saved stage file (.pt)"
+                )
+            seen.append(st.name)
+        _check_range("batch_size", self.batch_size, 1, 65536)
+        _check_range("valid_pct", self.valid_pct, 0.0, 1.0, open_ends=True)
+        _check_range("threshold", self.threshold, 0.0, 1.0, open_ends=True)
+        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
+        _check_range("dropout", self.dropout, 0.0, 1.0, open_ends=True, lo_closed=True)
+        _check_range("workers", self.workers, 0, 4096)
+        _check_range("cpus_per_worker", self.cpus_per_worker, 0.0, 1024, open_ends=True)
+        _check_range("torch_threads", self.torch_threads, 0, 1024)
+        _check_range("max_failures", self.max_failures, -1, 1000)
+
+
+def _check_range(name, value, lo, hi, open_ends=False, lo_closed=False):
+    ok = (lo <= value if (not open_ends or lo_closed) else lo < value) and (value < hi if open_ends else value <= hi)
+    if not ok:
+        raise ConfigError(f"{name}: {value!r} is out of range {'(' if open_ends and not lo_closed else '['}{lo}, {hi}"
+                          f"{')' if open_ends else ']'}")
+
+
+def from_dict(cls: type[T], data: Any, where: str = "") -> T:
+    """Build dataclass `cls` from plain data, checking every field's type and name."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; known: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        path = f"{where}.{name}" if where else name
+        if name in data:
+            kwargs[name] = _coerce(hints[name], data[name], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required field is missing")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+
+
+def _coerce(tp, value, path: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        for alt in args:
+            try:
+                return _coerce(alt, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{path}: {value!r} does not fit {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{path}: expected null, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)}, got {value!r}")
+        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"{path}: unsupported config type {tp}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def to_dict(cfg) -> dict:
+    """Plain data (lists, not tuples) that `from_dict` reads back to an equal config."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    """`key.sub=value` / `stages.0.epochs=2` overrides; values are parsed as YAML."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE")
+        *parents, leaf = key.split(".")
+        node: Any = data
+        for p in parents:
+            try:
+                node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+            except (IndexError, ValueError):
+                raise ConfigError(f"override {item!r}: no {p!r} in {key!r}") from None
+        value = yaml.safe_load(raw)
+        if isinstance(node, list):
+            try:
+                node[int(leaf)] = value
+            except (IndexError, ValueError):
+                raise ConfigError(f"override {item!r}: no {leaf!r} in {key!r}") from None
+        else:
+            node[leaf] = value
+    return data
+
+
+def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] = ()) -> T:
+    data: dict = {}
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    try:
+        return from_dict(cls, apply_overrides(data, overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def save_config(cfg, path: Path | str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path

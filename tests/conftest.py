@@ -1,0 +1,21 @@
+import os
+from pathlib import Path
+
+import pytest
+
+from planet_batch.demo_data import write_demo_data
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory) -> Path:
+    """A small generated competition-layout dataset shared by the whole session (read-only by convention)."""
+    return write_demo_data(tmp_path_factory.mktemp("demo") / "data", n_train=80, n_test=24, n_additional=16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real Planet files (../shared/data), when PLANET_SHARED_DATA points at them."""
+    root = os.environ.get("PLANET_SHARED_DATA")
+    if not root or not Path(root).is_dir():
+        pytest.skip("PLANET_SHARED_DATA not set: real Planet data not available")
+    return Path(root)
