@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
 from planet_batch.config import ConfigError
+from planet_batch.export import ExportError
 from planet_batch.labels import TAGS, LabelFileError
 from planet_batch.layout import LayoutError
-
-log = logging.getLogger("planet_batch")
-
-
-def setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+from planet_batch.model import WeightsError
+from planet_batch.runtime import CapacityError, setup_logging
+from planet_batch.train import TrainError
 
 
 def cmd_demo_data(args) -> None:
@@ -37,6 +30,39 @@ def cmd_show_batch(args) -> None:
     images, _, targets = augmented_sample(train, args.rows * args.rows, args.size, args.seed)
     titles = [";".join(t for t, on in zip(TAGS, row) if on) for row in targets]
     print(f"show_batch: {show_batch(images, titles, args.out, args.rows)}")
+
+
+def train_config(args):
+    from planet_batch.config import TrainConfig, load_config
+
+    flags = {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "storage": args.storage}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + (["gpu=true"] if args.gpu else [])
+    return load_config(TrainConfig, args.config, [*args.set, *overrides])
+
+
+def cmd_train(args) -> None:
+    from planet_batch.train import run_training
+
+    export = run_training(train_config(args), args.data, args.out)
+    print(f"run folder: {args.out}\nmetrics: {args.out}/metrics.csv\nexport: {export}")
+
+
+def cmd_lr_find(args) -> None:
+    from planet_batch.lr_find import run_lr_find
+
+    result = run_lr_find(train_config(args), args.data, args.out, args.num_it)
+    print(f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss)\nplot: {args.out}")
+
+
+def add_train_options(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/lesson3.yaml")
+    s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set stages.0.epochs=2 (repeatable)")
+    s.add_argument("--workers", type=int, help="Ray Train workers; 0 runs everything in the driver")
+    s.add_argument("--cpus-per-worker", type=float)
+    s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
+    s.add_argument("--storage", help="Ray Train storage: local path, NFS or s3://bucket/prefix")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_show_batch)
+
+    s = sub.add_parser("train", help="train the config's stages with Ray Train and export the model")
+    add_train_options(s)
+    s.add_argument("--out", required=True, help="run folder (metrics.csv, losses.png, stages/, export/)")
+    s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("lr-find", help="LR range test for the config's first stage")
+    add_train_options(s)
+    s.add_argument("--out", required=True, help="plot file, e.g. lr.png")
+    s.add_argument("--num-it", type=int, default=100)
+    s.set_defaults(func=cmd_lr_find)
     return p
 
 
@@ -67,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         args.func(args)
-    except (ConfigError, LabelFileError, LayoutError) as e:
+    except (ConfigError, LabelFileError, LayoutError, CapacityError, WeightsError, ExportError, TrainError) as e:
         print(f"planet-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,7 +9,7 @@ import numpy as np
 
 from planet_batch.labels import Labels, read_labels
 from planet_batch.layout import find_layout, split_indices
-from planet_batch.transforms import augment_batch, decode_image
+from planet_batch.transforms import augment_batch, decode_batch, decode_image
 
 
 @dataclass(frozen=True)
@@ -48,3 +48,44 @@ def augmented_sample(split: Split, n: int, size: int, seed: int = 0) -> tuple[np
     idx = rng.choice(len(split), size=min(n, len(split)), replace=False)
     images = np.stack([decode_image(Path(split.paths[i]).read_bytes(), size, split.names[i]) for i in idx])
     return augment_batch(images, rng), [split.names[i] for i in idx], split.targets[idx]
+
+
+def read_bytes(path: str) -> bytes:
+    """Local paths directly; URIs (s3://, gs://) through pyarrow's filesystems."""
+    if "://" in path:
+        import pyarrow.fs
+
+        fs, inner = pyarrow.fs.FileSystem.from_uri(path)
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_labelled_batch(batch: dict, size: int, augment: bool) -> dict:
+    """{path, target} -> {image uint8 NHWC, target}; augmentation here runs in Ray Data's tasks."""
+    paths = list(batch["path"])
+    images = decode_batch({"bytes": [read_bytes(p) for p in paths], "path": paths}, size)["image"]
+    if augment:
+        images = augment_batch(images, np.random.default_rng())
+    return {"image": images, "target": np.asarray(batch["target"], dtype=np.float32)}
+
+
+def labelled_dataset(split: Split, size: int, augment: bool, rows_per_block: int = 64):
+    """A Ray Dataset of decoded (and, for training, shuffled and augmented) images with targets.
+
+    Only the small (path, target) rows are shuffled, before any bytes are read; every epoch
+    re-executes the pipeline, so every epoch gets a new order and new augmentations.
+    """
+    import ray
+
+    items = [{"path": p, "target": t} for p, t in zip(split.paths, split.targets)]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // rows_per_block)))
+    if augment:
+        ds = ds.random_shuffle()
+    return ds.map_batches(
+        load_labelled_batch,
+        fn_kwargs={"size": size, "augment": augment},
+        batch_size=rows_per_block,
+        batch_format="numpy",
+    )

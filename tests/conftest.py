@@ -19,3 +19,21 @@ def shared_data() -> Path:
     if not root or not Path(root).is_dir():
         pytest.skip("PLANET_SHARED_DATA not set: real Planet data not available")
     return Path(root)
+
+
+@pytest.fixture(scope="module")
+def ray_local(tmp_path_factory):
+    """A local Ray with this machine's 2 CPUs, shared by one test module.
+
+    The fault-injection folder goes into the environment before Ray starts, so every
+    worker process inherits it; tests arm faults by creating files in it.
+    """
+    import ray
+
+    from planet_batch.runtime import FAULT_DIR_ENV
+
+    fault_dir = tmp_path_factory.mktemp("faults")
+    os.environ[FAULT_DIR_ENV] = str(fault_dir)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield fault_dir
+    ray.shutdown()

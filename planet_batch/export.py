@@ -1,0 +1,138 @@
+"""The exported model: weights plus everything scoring needs, like fastai's export/load_learner.
+
+`model.pt` holds tensors only and is loaded with `weights_only=True`, so an export never
+unpickles arbitrary objects; `model.json` holds arch, tags, size, normalisation, thresholds,
+the resolved training config and the final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planet_batch.model import build_model
+
+EXPORT_FORMAT = "planet-batch-export"
+EXPORT_VERSION = 1
+
+
+class ExportError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    arch: str
+    tags: tuple[str, ...]
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    threshold: float
+    thresholds: tuple[float, ...]
+    dropout: float
+    config: dict
+    metrics: dict
+    weights: Path
+
+    def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        model = build_model(self.arch, len(self.tags), weights="none", dropout=self.dropout)
+        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+        return model.to(device).eval()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_export(
+    out_dir: Path | str,
+    model_state: dict,
+    *,
+    arch: str,
+    tags: tuple[str, ...],
+    size: int,
+    mean,
+    std,
+    threshold: float,
+    thresholds: np.ndarray,
+    dropout: float,
+    config: dict,
+    metrics: dict,
+) -> Path:
+    out = Path(out_dir)
+    write_atomic(out / "model.pt", lambda p: torch.save(model_state, p))
+    meta = {
+        "format": EXPORT_FORMAT,
+        "version": EXPORT_VERSION,
+        "arch": arch,
+        "tags": list(tags),
+        "size": size,
+        "normalize": {"mean": list(mean), "std": list(std)},
+        "threshold": threshold,
+        "thresholds": [round(float(t), 4) for t in thresholds],
+        "dropout": dropout,
+        "config": config,
+        "metrics": metrics,
+    }
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def load_export(path: Path | str) -> ExportedModel:
+    """Read an export folder, failing with a clear message when it is missing or incompatible."""
+    path = Path(path)
+    meta_path, weights = path / "model.json", path / "model.pt"
+    for p in (meta_path, weights):
+        if not p.is_file():
+            raise ExportError(f"{path} is not a model export: {p.name} is missing (train writes RUN_DIR/export/)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
+    if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
+        raise ExportError(
+            f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported "
+            f"(this planet-batch reads {EXPORT_FORMAT!r} version {EXPORT_VERSION}); re-export with this version"
+        )
+    try:
+        tags = tuple(meta["tags"])
+        thresholds = tuple(float(t) for t in meta["thresholds"])
+        if len(thresholds) != len(tags):
+            raise ExportError(f"{meta_path}: {len(thresholds)} thresholds for {len(tags)} tags")
+        return ExportedModel(
+            arch=meta["arch"],
+            tags=tags,
+            size=int(meta["size"]),
+            mean=tuple(meta["normalize"]["mean"]),
+            std=tuple(meta["normalize"]["std"]),
+            threshold=float(meta["threshold"]),
+            thresholds=thresholds,
+            dropout=float(meta.get("dropout", 0.5)),
+            config=meta.get("config", {}),
+            metrics=meta.get("metrics", {}),
+            weights=weights,
+        )
+    except (KeyError, TypeError) as e:
+        raise ExportError(f"{meta_path}: missing or malformed field {e}") from None

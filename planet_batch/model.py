@@ -1,0 +1,125 @@
+"""ResNet body + fastai head, layer groups, freezing and discriminative learning rates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+
+class WeightsError(RuntimeError):
+    pass
+
+
+class AdaptiveConcatPool2d(nn.Module):
+    """fastai's pooling: average and max side by side, twice the features of either alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.avg, self.max = nn.AdaptiveAvgPool2d(1), nn.AdaptiveMaxPool2d(1)
+
+    def forward(self, x):
+        return torch.cat([self.max(x), self.avg(x)], dim=1)
+
+
+def create_head(n_features: int, n_out: int, dropout: float = 0.5) -> nn.Sequential:
+    """fastai's `create_head`: pool, BN, dropout(p/2), 512, ReLU, BN, dropout(p), n_out."""
+    return nn.Sequential(
+        AdaptiveConcatPool2d(),
+        nn.Flatten(),
+        nn.BatchNorm1d(2 * n_features),
+        nn.Dropout(dropout / 2),
+        nn.Linear(2 * n_features, 512),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(512),
+        nn.Dropout(dropout),
+        nn.Linear(512, n_out),
+    )
+
+
+def torchvision_resnet(arch: str, weights: str | None) -> nn.Module:
+    """A torchvision ResNet with `weights`: "imagenet", "none"/None, or a state-dict file path."""
+    net = torchvision.models.get_model(arch, weights=None)
+    if weights in (None, "none"):
+        return net
+    if weights == "imagenet":
+        spec = torchvision.models.get_model_weights(arch).DEFAULT
+        try:
+            state = spec.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # noqa: BLE001 - any download failure means the same thing to the user
+            target = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
+            raise WeightsError(
+                f"ImageNet weights for {arch} are not in the torch cache and cannot be downloaded ({e}). "
+                f"Put {Path(spec.url).name} (from {spec.url}) at {target}, or pass weights: PATH to a state dict."
+            ) from None
+    else:
+        path = Path(weights)
+        if not path.is_file():
+            raise WeightsError(f"weights file {path} does not exist (weights: imagenet | none | PATH)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise WeightsError(f"weights {weights} do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return net
+
+
+def build_model(arch: str, n_out: int, weights: str | None = "none", dropout: float = 0.5) -> nn.Sequential:
+    """`cnn_learner`'s model: the ResNet without its pool and fc, then the fastai head."""
+    net = torchvision_resnet(arch, weights)
+    body = nn.Sequential(*list(net.children())[:-2])
+    model = nn.Sequential(body, create_head(net.fc.in_features, n_out, dropout))
+    for m in model[1].modules():  # fastai initialises the head with kaiming_normal
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model.to(memory_format=torch.channels_last)
+
+
+def layer_groups(model: nn.Sequential) -> list[nn.Module]:
+    """fastai's resnet split: stem to layer2, layer3 to layer4, head."""
+    body, head = model[0], model[1]
+    return [body[:6], body[6:], head]
+
+
+def set_frozen(model: nn.Sequential, frozen: bool) -> None:
+    """Frozen: body weights fixed except BatchNorm, which fastai keeps training (train_bn=True)."""
+    for group in layer_groups(model)[:-1]:
+        for m in group.modules():
+            train = not frozen or isinstance(m, nn.modules.batchnorm._BatchNorm)
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(train)
+    for p in layer_groups(model)[-1].parameters():
+        p.requires_grad_(True)
+
+
+def group_lrs(lr: float | tuple[float, float], n_groups: int = 3) -> list[float]:
+    """`lr` -> the head gets lr, the body lr/10; `(lo, hi)` -> geometric from lo to hi (fastai's slice)."""
+    if isinstance(lr, (int, float)):
+        return [lr / 10] * (n_groups - 1) + [lr]
+    lo, hi = lr
+    return [lo * (hi / lo) ** (i / (n_groups - 1)) for i in range(n_groups)]
+
+
+def param_groups(model: nn.Sequential, lr: float | tuple[float, float]) -> list[dict]:
+    groups = layer_groups(model)
+    return [{"params": list(g.parameters()), "lr": v} for g, v in zip(groups, group_lrs(lr, len(groups)))]
+
+
+def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
+    """fastai's fit_one_cycle: warm-up 30%, div 25, final div 1e5 of the peak, beta1 0.95 -> 0.85 -> 0.95."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=[g["lr"] for g in optimizer.param_groups],
+        total_steps=max(1, total_steps),
+        pct_start=0.3,
+        div_factor=25.0,
+        final_div_factor=1e4,
+        anneal_strategy="cos",
+        cycle_momentum=True,
+        base_momentum=0.85,
+        max_momentum=0.95,
+    )

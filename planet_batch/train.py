@@ -1,0 +1,338 @@
+"""The lesson-3 recipe as data-parallel Ray Train: stages of fit_one_cycle, checkpoints, resume, export.
+
+Each stage is one `TorchTrainer.fit()` (fastai's `fit_one_cycle` call). Workers only
+report metrics and checkpoints to Ray; the driver writes the run folder from the final
+checkpoint of each stage, so a stage that resumed after a failure still leaves exactly
+its planned epochs in metrics.csv.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from planet_batch.config import TrainConfig, from_dict, save_config, to_dict
+from planet_batch.data import Split, labelled_dataset, train_valid_split
+from planet_batch.export import save_export, write_atomic
+from planet_batch.labels import TAGS
+from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
+from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
+from planet_batch.runtime import check_capacity, ensure_ray, maybe_inject_fault, setup_logging, torch_threads
+from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+
+log = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ("stage", "epoch", "train_loss", "valid_loss", "accuracy_thresh", "fbeta", "time")
+
+
+class TrainError(RuntimeError):
+    pass
+
+
+def format_row(m: dict) -> str:
+    secs = int(round(m["time"]))
+    return (f"{m['epoch']:<6d}{m['train_loss']:<12.6f}{m['valid_loss']:<12.6f}"
+            f"{m['accuracy_thresh']:<17.6f}{m['fbeta']:<10.6f}{secs // 60:02d}:{secs % 60:02d}")
+
+
+TABLE_HEADER = f"{'epoch':<6}{'train_loss':<12}{'valid_loss':<12}{'accuracy_thresh':<17}{'fbeta':<10}time"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside each Ray Train worker
+
+
+def _all_gather(obj) -> list:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def predict_shard(model: nn.Module, shard, batch_size: int, device, amp: bool):
+    """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
+    probs, targets, loss_sum = [], [], 0.0
+    model.eval()
+    with torch.inference_mode():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(to_model_input(batch["image"], device)).float()
+            y = batch["target"].float()
+            loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
+            probs.append(torch.sigmoid(logits).cpu().numpy())
+            targets.append(y.cpu().numpy())
+    empty = np.zeros((0, len(TAGS)), np.float32)
+    return (np.concatenate(probs) if probs else empty), (np.concatenate(targets) if targets else empty), loss_sum
+
+
+def train_stage_loop(config: dict) -> None:
+    """`train_loop_per_worker`: one stage's epochs, resuming from Ray's latest checkpoint if there is one."""
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    setup_logging()
+    cfg = from_dict(TrainConfig, config["cfg"])
+    stage = cfg.stages[config["stage_index"]]
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.seed + rank)
+    device = ray.train.torch.get_device()
+    amp = device.type == "cuda"
+
+    model = build_model(cfg.arch, len(TAGS), weights="none", dropout=cfg.dropout)
+    model.load_state_dict(ray.get(config["init"]))  # via the object store: no shared disk needed
+    set_frozen(model, stage.frozen)
+    raw = model
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(param_groups(raw, stage.lr), weight_decay=cfg.weight_decay)
+    steps = config["steps_per_epoch"]
+    scheduler = one_cycle(optimizer, steps * stage.epochs)
+    history: dict = {"epochs": [], "batch_losses": [], "resumed_after": []}
+    start = 0
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        history, start = state["history"], state["epoch"] + 1
+        history["resumed_after"].append(state["epoch"])
+        if rank == 0:
+            log.info("stage %s: resumed from the checkpoint of epoch %d", stage.name, state["epoch"])
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard(f"valid_{rank}")
+    loss_fn = nn.BCEWithLogitsLoss()
+    if rank == 0:
+        log.info("stage %s: %s, size %d, lr %s\n%s", stage.name, "frozen" if stage.frozen else "unfrozen",
+                 stage.size, stage.lr, TABLE_HEADER)
+    for epoch in range(start, stage.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        losses = []
+        for b, batch in enumerate(train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
+                                                                 device=device)):
+            maybe_inject_fault(f"train:{stage.name}:{epoch}:{b}:{rank}")
+            x = to_model_input(batch["image"], device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = loss_fn(logits.float(), batch["target"].float())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler.last_epoch + 1 < scheduler.total_steps:  # a short last shard must not overrun the cycle
+                scheduler.step()
+            losses.append(loss.item())
+
+        probs, targets, vloss = predict_shard(raw, valid_shard, cfg.batch_size, device, amp)
+        parts = _all_gather((probs, targets, vloss, float(np.sum(losses)), len(losses)))
+        probs = np.concatenate([p[0] for p in parts])
+        targets = np.concatenate([p[1] for p in parts])
+        metrics = {
+            "stage": stage.name,
+            "epoch": epoch,
+            "train_loss": sum(p[3] for p in parts) / max(1, sum(p[4] for p in parts)),
+            "valid_loss": sum(p[2] for p in parts) / max(1, len(probs)),
+            "accuracy_thresh": accuracy_thresh(probs, targets, cfg.threshold),
+            "fbeta": fbeta(probs, targets, cfg.threshold),
+            "time": time.perf_counter() - t0,
+        }
+        history["epochs"].append(metrics)
+        history["batch_losses"].extend(losses)
+        if rank == 0:
+            log.info("%s", format_row(metrics))
+            state = {
+                "model": raw.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "config": config["cfg"],
+            }
+            if epoch == stage.epochs - 1:  # the export tunes thresholds on these
+                state["valid_probs"], state["valid_targets"] = torch.from_numpy(probs), torch.from_numpy(targets)
+            if config["local_checkpoints"]:
+                # Local mode keeps a reference to the folder instead of copying it to storage.
+                d = Path(config["local_checkpoints"]) / f"checkpoint_{epoch:06d}"
+                d.mkdir(parents=True, exist_ok=True)
+                torch.save(state, d / "state.pt")
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+            else:
+                with tempfile.TemporaryDirectory() as d:
+                    torch.save(state, Path(d) / "state.pt")
+                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+
+# ----------------------------------------------------------------------------------------------
+# In the driver
+
+
+def load_stage_file(path: Path | str) -> dict:
+    """Model weights saved at the end of a stage (RUN_DIR/stages/NAME.pt), tensors only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise TrainError(f"cannot load saved stage {path}: {e}") from None
+
+
+def initial_state(cfg: TrainConfig) -> dict:
+    """The first stage's weights, made in the driver so a missing weights file fails here, once."""
+    first = cfg.stages[0].start_from
+    if first is not None:
+        return load_stage_file(first)
+    if cfg.weights == "none":
+        log.warning("weights: none - %s trains from random initialisation, no pretrained body", cfg.arch)
+    return build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout).state_dict()
+
+
+def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Split, storage: str,
+              run_id: str) -> dict:
+    """Run one stage on Ray Train and return the state in its final checkpoint."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    stage = cfg.stages[index]
+    world = max(1, cfg.workers)
+    datasets = {"train": labelled_dataset(train, stage.size, augment=True)}
+    for r in range(world):  # each worker scores its own slice; together they cover every image once
+        part = Split(valid.names[r::world], valid.paths[r::world], valid.targets[r::world])
+        datasets[f"valid_{r}"] = labelled_dataset(part, stage.size, augment=False)
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
+    trainer = TorchTrainer(
+        train_stage_loop,
+        train_loop_config={
+            "cfg": to_dict(cfg),
+            "stage_index": index,
+            "init": ray.put(init),
+            "steps_per_epoch": (len(train) // world) // cfg.batch_size,
+            "threads": torch_threads(cfg.torch_threads, cfg.cpus_per_worker),
+            "local_checkpoints": None if cfg.workers else str(Path(storage) / f"{run_id}-{stage.name}"),
+        },
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker=resources if cfg.workers else None),
+        run_config=RunConfig(
+            name=f"{run_id}-{stage.name}",
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise TrainError(f"stage {stage.name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
+    def write(p: Path):
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            w.writeheader()
+            w.writerows({k: r[k] for k in METRIC_COLUMNS} for r in rows)
+
+    write_atomic(run_dir / "metrics.csv", write)
+    return run_dir / "metrics.csv"
+
+
+def check_batches(cfg: TrainConfig, n_train: int) -> None:
+    per_worker = n_train // max(1, cfg.workers)
+    if per_worker < cfg.batch_size:
+        raise TrainError(
+            f"batch_size {cfg.batch_size} is larger than the {per_worker} training images each of "
+            f"{max(1, cfg.workers)} workers gets; lower batch_size or workers"
+        )
+
+
+def quiet_data_progress() -> None:
+    """The epoch table is training's progress report; per-epoch dataset bars would bury it."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
+    """Train every stage of `cfg` on the dataset at `data_root`; returns the export folder."""
+    from planet_batch.plots import plot_losses
+
+    run_dir = Path(run_dir).resolve()
+    train, valid = train_valid_split(data_root, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
+    check_batches(cfg, len(train))
+    for i, st in enumerate(cfg.stages):
+        if st.start_from and st.start_from.endswith(".pt") and not Path(st.start_from).is_file():
+            raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
+    model_state = initial_state(cfg)
+    ensure_ray()
+    check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
+    quiet_data_progress()
+    save_config(cfg, run_dir / "config.yaml")
+    storage = cfg.storage or str(run_dir / "ray")
+    run_id = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    log.info("training %s on %d images (%d held out) with %d worker(s); run folder %s",
+             cfg.arch, len(train), len(valid), cfg.workers, run_dir)
+
+    finished: dict[str, dict] = {}  # stage name -> final weights
+    rows: list[dict] = []
+    batch_losses: list[float] = []
+    epoch_ends: list[int] = []
+    state: dict = {}
+    for i, stage in enumerate(cfg.stages):
+        if i > 0 and stage.start_from is not None:
+            model_state = finished.get(stage.start_from) or load_stage_file(stage.start_from)
+        state = fit_stage(cfg, i, model_state, train, valid, storage, run_id)
+        model_state = finished[stage.name] = state["model"]
+        history = state["history"]
+        for m in history["epochs"]:
+            rows.append(m)
+        per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
+        for k in range(len(history["epochs"])):
+            epoch_ends.append(len(batch_losses) + (k + 1) * per_epoch)
+        batch_losses.extend(history["batch_losses"])
+        path = run_dir / "stages" / f"{stage.name}.pt"
+        write_atomic(path, lambda p, s=state, st=stage: torch.save(
+            {"model": s["model"], "arch": cfg.arch, "stage": st.name, "size": st.size,
+             "config": to_dict(cfg), "metrics": s["history"]["epochs"][-1],
+             "resumed_after": s["history"]["resumed_after"]}, p))
+        write_metrics(run_dir, rows)
+        log.info("stage %s saved to %s", stage.name, path)
+
+    plot_losses(batch_losses, epoch_ends, [r["valid_loss"] for r in rows], run_dir / "losses.png")
+    probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
+    thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
+    final = dict(rows[-1])
+    final.update(
+        fbeta_tuned=fbeta(probs, targets, thresholds),
+        best_constant_fbeta=best_constant_fbeta(targets),
+        n_valid=len(probs),
+    )
+    last = cfg.stages[-1]
+    export = save_export(
+        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=last.size, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
+        config=to_dict(cfg), metrics=final,
+    )
+    log.info("final: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
+             final["fbeta"], cfg.threshold, final["fbeta_tuned"], final["best_constant_fbeta"])
+    return export

@@ -1,0 +1,118 @@
+"""Training end to end on a real local Ray (2 CPUs): stages, export, local mode, faults, bad input."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+from planet_batch.config import ConfigError, TrainConfig, load_config
+from planet_batch.demo_data import write_demo_data
+from planet_batch.export import load_export
+from planet_batch.runtime import CapacityError, fault_file
+from planet_batch.train import TrainError, run_training
+
+pytestmark = pytest.mark.ray
+
+TINY = [
+    "arch=resnet18",
+    "weights=none",
+    "batch_size=16",
+    "workers=2",
+    "cpus_per_worker=0.5",
+]
+
+
+def cfg(stages, *extra):
+    return load_config(TrainConfig, None, [*TINY, f"stages={json.dumps(stages)}", *extra])
+
+
+def metrics_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def learnable_root(tmp_path_factory):
+    return write_demo_data(tmp_path_factory.mktemp("learn") / "data", n_train=300, n_test=4, n_additional=2, seed=2)
+
+
+def test_tiny_run_beats_the_best_constant_prediction(ray_local, learnable_root, tmp_path):
+    """The demo data is learnable: a short run beats the best image-blind prediction by a wide margin."""
+    stages = [{"name": "s", "size": 32, "epochs": 6, "frozen": False, "lr": 0.01}]
+    m = load_export(run_training(cfg(stages, "workers=0"), learnable_root, tmp_path / "run")).metrics
+    assert m["n_valid"] == 60
+    assert m["fbeta"] > m["best_constant_fbeta"] + 0.1, m
+    assert m["fbeta_tuned"] >= m["fbeta"] - 1e-9
+
+
+def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
+    stages = [
+        {"name": "stage-1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
+        {"name": "stage-2", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]},
+    ]
+    run = tmp_path / "run"
+    export = run_training(cfg(stages), demo_root, run)
+
+    rows = metrics_rows(run)
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [("stage-1", 0), ("stage-1", 1), ("stage-2", 0)]
+    for name in ("stage-1", "stage-2"):
+        saved = torch.load(run / "stages" / f"{name}.pt", weights_only=True)
+        assert saved["stage"] == name and saved["config"]["arch"] == "resnet18"
+    assert (run / "losses.png").stat().st_size > 5000
+    assert load_config(TrainConfig, run / "config.yaml") == cfg(stages)
+
+    model = load_export(export)
+    assert model.arch == "resnet18" and model.size == 32 and len(model.thresholds) == 17
+    assert model.config["stages"][1]["lr"] == [1e-4, 2e-3]
+    # The validation metrics cover the whole split (16 of 80 images), gathered from both workers.
+    assert model.metrics["n_valid"] == 16
+    assert model.metrics["fbeta"] == pytest.approx(float(rows[-1]["fbeta"]))
+    net = model.build()
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
+
+
+def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, demo_root, tmp_path):
+    stages = [{"name": "only", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    first = tmp_path / "first"
+    run_training(cfg(stages, "workers=0"), demo_root, first)
+    assert len(metrics_rows(first)) == 1
+    again = [{**stages[0], "name": "again", "start_from": str(first / "stages" / "only.pt")}]
+    run_training(cfg(again, "workers=0"), demo_root, tmp_path / "second")
+    assert [r["stage"] for r in metrics_rows(tmp_path / "second")] == ["again"]
+
+
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, tmp_path):
+    stages = [{"name": "faulty", "size": 32, "epochs": 3, "frozen": True, "lr": 0.01}]
+    point = "train:faulty:1:1:1"  # stage faulty, epoch 1, batch 1, rank 1
+    fault_file(ray_local, point).touch()
+    run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run")
+    assert fault_file(ray_local, point, "fired").exists(), "the fault never fired"
+    # Exactly the planned epochs, none repeated: epoch 0 came back from its checkpoint.
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "run")] == [0, 1, 2]
+    state = torch.load(tmp_path / "run" / "stages" / "faulty.pt", weights_only=True)
+    assert state["metrics"]["epoch"] == 2
+    assert state["resumed_after"] == [0]  # the retry loaded epoch 0's checkpoint, it did not start over
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["workers=4", "cpus_per_worker=1"], CapacityError, "4 workers x 1 CPUs"),
+        (["workers=2", "cpus_per_worker=1"], CapacityError, "for Ray Data"),
+        (["batch_size=64"], TrainError, "larger than the"),
+        (["stages.0.start_from=/nope/stage.pt"], TrainError, "does not exist"),
+    ],
+)
+def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrides, error, match):
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    with pytest.raises(error, match=match):
+        run_training(cfg(stages, *overrides), demo_root, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_unknown_arch_and_bad_stage_reference_are_config_errors():
+    with pytest.raises(ConfigError, match="arch"):
+        cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}], "arch=vgg16")
+    with pytest.raises(ConfigError, match="start_from"):
+        cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01, "start_from": "s0"}])
