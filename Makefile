@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	test -f $(DEMO)/data/train_v2.csv || $(BIN)/planet-batch demo-data $(DEMO)/data
 	$(BIN)/planet-batch show-batch --data $(DEMO)/data --out $(DEMO)/batch.png
+	$(BIN)/python jobs/train.py --config jobs/configs/demo.yaml --data $(DEMO)/data --out $(DEMO)/run
+	$(BIN)/python jobs/score.py --model $(DEMO)/run/export --data $(DEMO)/data --out $(DEMO)/submission.csv \
+		--probs-out $(DEMO)/probs.parquet --overwrite
+	$(BIN)/planet-batch check-submission $(DEMO)/submission.csv --sample $(DEMO)/data/sample_submission_v2.csv
+	@echo "demo outputs in $(DEMO)/: batch.png, run/ (metrics.csv, losses.png, export/), submission.csv"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

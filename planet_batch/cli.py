@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from planet_batch.config import ConfigError
 from planet_batch.export import ExportError
@@ -12,6 +13,7 @@ from planet_batch.labels import TAGS, LabelFileError
 from planet_batch.layout import LayoutError
 from planet_batch.model import WeightsError
 from planet_batch.runtime import CapacityError, setup_logging
+from planet_batch.score import ScoreError
 from planet_batch.train import TrainError
 
 
@@ -52,6 +54,36 @@ def cmd_lr_find(args) -> None:
 
     result = run_lr_find(train_config(args), args.data, args.out, args.num_it)
     print(f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss)\nplot: {args.out}")
+
+
+def cmd_score(args) -> None:
+    from planet_batch.config import ScoreConfig, load_config
+    from planet_batch.score import run_scoring
+
+    flags = {
+        "model": args.model, "data": args.data, "images": args.images, "out": args.out, "threshold": args.threshold,
+        "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
+        "gpus_per_actor": args.gpus_per_actor, "probs_out": args.probs_out,
+    }
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += [f"{k}=true" for k in ("tta", "strict", "overwrite") if getattr(args, k)]
+    summary = run_scoring(load_config(ScoreConfig, args.config, [*args.set, *overrides]))
+    print(f"submission: {summary.output}\nsummary: {Path(summary.output).with_name('score_summary.json')}")
+    if summary.bad_images:
+        print(f"unreadable images: {summary.unreadable}, listed in {summary.bad_images}")
+    if summary.probs:
+        print(f"probabilities: {summary.probs}")
+
+
+def cmd_check_submission(args) -> int:
+    from planet_batch.submission import check_submission
+
+    problems = check_submission(args.file, args.sample)
+    for p in problems:
+        print(f"{args.file}: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{args.file}: OK" + (f" against {args.sample}" if args.sample else ""))
+    return 1 if problems else 0
 
 
 def add_train_options(s: argparse.ArgumentParser) -> None:
@@ -96,6 +128,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="plot file, e.g. lr.png")
     s.add_argument("--num-it", type=int, default=100)
     s.set_defaults(func=cmd_lr_find)
+
+    s = sub.add_parser("score", help="score test images with Ray Data into a Kaggle submission")
+    s.add_argument("--model", help="export folder, e.g. RUN_DIR/export")
+    s.add_argument("--data", help="Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order")
+    s.add_argument("--images", help="score any folder of .jpg files instead")
+    s.add_argument("--out", help="submission CSV (default submission.csv)")
+    s.add_argument("--threshold", help="a number (default 0.2) or 'tuned' for the export's per-class thresholds")
+    s.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
+    s.add_argument("--batch-size", type=int)
+    s.add_argument("--actors", type=int, help="predictor actors (default 1)")
+    s.add_argument("--cpus-per-actor", type=float)
+    s.add_argument("--gpus-per-actor", type=float)
+    s.add_argument("--probs-out", help="also write every probability to this Parquet file")
+    s.add_argument("--strict", action="store_true", help="fail instead of giving unreadable images empty tags")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--config", help="score config YAML (flags override it)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("check-submission", help="check a submission CSV; exit 1 with the reasons")
+    s.add_argument("file")
+    s.add_argument("--sample", help="the sample submission whose names and order must match")
+    s.set_defaults(func=cmd_check_submission)
     return p
 
 
@@ -103,11 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
-        args.func(args)
-    except (ConfigError, LabelFileError, LayoutError, CapacityError, WeightsError, ExportError, TrainError) as e:
+        return args.func(args) or 0
+    except (ConfigError, LabelFileError, LayoutError, CapacityError, WeightsError, ExportError, TrainError,
+            ScoreError) as e:
         print(f"planet-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

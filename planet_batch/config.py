@@ -229,3 +229,36 @@ def save_config(cfg, path: Path | str) -> Path:
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
     return path
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoreConfig:
+    model: str  # an export folder (RUN_DIR/export)
+    out: str = "submission.csv"
+    data: str | None = None  # a Kaggle data root: test-jpg + test-jpg-additional, sample submission order
+    images: str | None = None  # or any folder of .jpg files
+    threshold: str = "0.2"  # a number, or "tuned" for the export's per-class thresholds
+    tta: bool = False  # average the 8 dihedral views
+    batch_size: int = 64
+    actors: int = 0  # 0: one per GPU with gpus_per_actor, else one per CPU of the cluster
+    cpus_per_actor: float = 0.5  # fractional, so decode tasks always keep CPUs of their own
+    gpus_per_actor: float = 0.0
+    torch_threads: int = 0  # 0: the node's cores shared among the actors
+    probs_out: str | None = None  # Parquet of every probability
+    strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
+    overwrite: bool = False
+
+    def __post_init__(self):
+        if (self.data is None) == (self.images is None):
+            raise ConfigError("data / images: give exactly one of --data (Kaggle layout) or --images (a folder)")
+        if self.threshold != "tuned":
+            try:
+                value = float(self.threshold)
+            except ValueError:
+                raise ConfigError(f"threshold: {self.threshold!r} is neither a number nor 'tuned'") from None
+            _check_range("threshold", value, 0.0, 1.0, open_ends=True)
+        _check_range("batch_size", self.batch_size, 1, 65536)
+        _check_range("actors", self.actors, 0, 4096)
+        _check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024, open_ends=True)
+        _check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64)
+        _check_range("torch_threads", self.torch_threads, 0, 1024)

@@ -71,18 +71,22 @@ def load_labelled_batch(batch: dict, size: int, augment: bool) -> dict:
     return {"image": images, "target": np.asarray(batch["target"], dtype=np.float32)}
 
 
-def labelled_dataset(split: Split, size: int, augment: bool, rows_per_block: int = 64):
+def labelled_dataset(split: Split, size: int, augment: bool, rows_per_block: int = 64, seed: int = 0):
     """A Ray Dataset of decoded (and, for training, shuffled and augmented) images with targets.
 
-    Only the small (path, target) rows are shuffled, before any bytes are read; every epoch
-    re-executes the pipeline, so every epoch gets a new order and new augmentations.
+    Training order: rows are permuted once into blocks, the block order is drawn anew every
+    epoch, and the trainer's local shuffle buffer mixes rows across blocks. Unlike
+    `random_shuffle`, this has no all-to-all barrier at the start of every epoch, which
+    left the model waiting for its first batch. Every epoch re-executes the pipeline, so
+    augmentations are new each epoch too.
     """
     import ray
 
-    items = [{"path": p, "target": t} for p, t in zip(split.paths, split.targets)]
+    order = np.random.default_rng(seed).permutation(len(split)) if augment else np.arange(len(split))
+    items = [{"path": split.paths[i], "target": split.targets[i]} for i in order]
     ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // rows_per_block)))
     if augment:
-        ds = ds.random_shuffle()
+        ds = ds.randomize_block_order()
     return ds.map_batches(
         load_labelled_batch,
         fn_kwargs={"size": size, "augment": augment},

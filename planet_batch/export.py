@@ -41,8 +41,12 @@ class ExportedModel:
     weights: Path
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
+        return self.build_from_state(torch.load(self.weights, map_location="cpu", weights_only=True), device)
+
+    def build_from_state(self, state: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+        """The model in eval mode from weights already loaded (scoring actors get them from the object store)."""
         model = build_model(self.arch, len(self.tags), weights="none", dropout=self.dropout)
-        model.load_state_dict(torch.load(self.weights, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
         return model.to(device).eval()
 
 

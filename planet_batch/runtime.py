@@ -14,12 +14,18 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """Configure the root logger once per process (entrypoints and Ray worker loops)."""
-    level = logging.DEBUG if verbose else logging.INFO
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=level, format=LOG_FORMAT, datefmt="%H:%M:%S")
-    logging.getLogger("planet_batch").setLevel(level)
+    """Give planet_batch's loggers one handler, once per process (entrypoints and Ray worker loops).
+
+    Only our own logger is configured: raising the root logger to INFO inside Ray workers
+    would also switch on Ray's internal INFO chatter.
+    """
+    logger = logging.getLogger("planet_batch")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:

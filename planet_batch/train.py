@@ -125,8 +125,11 @@ def train_stage_loop(config: dict) -> None:
         t0 = time.perf_counter()
         model.train()
         losses = []
-        for b, batch in enumerate(train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True,
-                                                                 device=device)):
+        wait, t_wait = 0.0, time.perf_counter()
+        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
+                                                 prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.batch_size)
+        for b, batch in enumerate(batches):
+            wait += time.perf_counter() - t_wait
             maybe_inject_fault(f"train:{stage.name}:{epoch}:{b}:{rank}")
             x = to_model_input(batch["image"], device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -138,9 +141,11 @@ def train_stage_loop(config: dict) -> None:
             if scheduler.last_epoch + 1 < scheduler.total_steps:  # a short last shard must not overrun the cycle
                 scheduler.step()
             losses.append(loss.item())
+            t_wait = time.perf_counter()
 
+        train_seconds = time.perf_counter() - t0
         probs, targets, vloss = predict_shard(raw, valid_shard, cfg.batch_size, device, amp)
-        parts = _all_gather((probs, targets, vloss, float(np.sum(losses)), len(losses)))
+        parts = _all_gather((probs, targets, vloss, float(np.sum(losses)), len(losses), train_seconds, wait))
         probs = np.concatenate([p[0] for p in parts])
         targets = np.concatenate([p[1] for p in parts])
         metrics = {
@@ -151,6 +156,9 @@ def train_stage_loop(config: dict) -> None:
             "accuracy_thresh": accuracy_thresh(probs, targets, cfg.threshold),
             "fbeta": fbeta(probs, targets, cfg.threshold),
             "time": time.perf_counter() - t0,
+            # Training images per second of the whole group, excluding validation (bench/train_throughput.py).
+            "train_images_per_s": sum(p[4] for p in parts) * cfg.batch_size / max(p[5] for p in parts),
+            "data_wait_s": max(p[6] for p in parts),  # time the slowest worker waited for input batches
         }
         history["epochs"].append(metrics)
         history["batch_losses"].extend(losses)

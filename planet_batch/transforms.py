@@ -11,7 +11,6 @@ import warnings
 from pathlib import PurePath
 
 import numpy as np
-import torch
 from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -129,16 +128,19 @@ def augment_batch(
 
 
 def to_model_input(
-    images: torch.Tensor | np.ndarray,
-    device: torch.device | str = "cpu",
+    images,
+    device="cpu",
     mean: tuple[float, float, float] = IMAGENET_MEAN,
     std: tuple[float, float, float] = IMAGENET_STD,
-) -> torch.Tensor:
-    """uint8 NHWC batch -> normalised float NCHW in channels_last memory.
+):
+    """uint8 NHWC batch (array or tensor) -> normalised float NCHW tensor in channels_last memory.
 
     uint8 crosses to the device (4x fewer bytes than float) and NHWC memory *is*
     channels_last, so the permute is free.
     """
+    # Imported here so Ray Data's decode tasks, which never call this, start without torch.
+    import torch
+
     x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2)
     x = x.float().contiguous(memory_format=torch.channels_last)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255

@@ -1,0 +1,175 @@
+"""Scoring throughput: pure forward, a plain loop, and the Ray Data pipeline, measured in one run.
+
+    python bench/score_throughput.py --n-images 2000 [--arch resnet34 --size 128]
+    python bench/score_throughput.py --memory 2000 20000   # driver peak RSS at two sizes
+
+(a) the model's forward rate on in-memory tensors (the limit on CPU); (b) a plain
+single-process loop that reads, decodes, predicts and writes the CSV; (c) the Ray Data
+pipeline end to end (Ray already running, as under a job) and in steady state (rows
+received between 25% and 90% of the run). The last line is JSON with every figure.
+Images are 256x256 JPEGs: 64 distinct rendered chips repeated under new names.
+"""
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from planet_batch.config import ScoreConfig
+from planet_batch.demo_data import render, sample_tag_sets
+from planet_batch.export import load_export, save_export
+from planet_batch.labels import TAGS, decode
+from planet_batch.model import build_model
+from planet_batch.runtime import setup_logging
+from planet_batch.submission import write_submission
+from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_model_input
+
+
+def make_images(folder: Path, n: int) -> list[Path]:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    protos = []
+    for i, tags in enumerate(sample_tag_sets(64, rng)):
+        p = folder / f"proto_{i}.jpg"
+        render(tags, rng).save(p, quality=90)
+        protos.append(p)
+    paths = [folder / f"test_{i}.jpg" for i in range(n)]
+    for i, p in enumerate(paths):
+        shutil.copyfile(protos[i % len(protos)], p)
+    for p in protos:
+        p.unlink()
+    return paths
+
+
+def make_export(folder: Path, arch: str, size: int) -> Path:
+    model = build_model(arch, len(TAGS))
+    return save_export(folder, model.state_dict(), arch=arch, tags=TAGS, size=size, mean=IMAGENET_MEAN,
+                       std=IMAGENET_STD, threshold=0.2, thresholds=np.full(len(TAGS), 0.2), dropout=0.5,
+                       config={}, metrics={})
+
+
+def forward_rate(export_dir: Path, batch: int, threads: int, seconds: float = 15.0) -> float:
+    torch.set_num_threads(threads)
+    exp = load_export(export_dir)
+    model = exp.build()
+    x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8))
+    with torch.inference_mode():
+        model(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model(x)
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: int, out: Path) -> float:
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    exp = load_export(export_dir)
+    model = exp.build()
+    probs = []
+    with torch.inference_mode():
+        for i in range(0, len(paths), batch):
+            images = np.stack([decode_image(p.read_bytes(), exp.size, p.stem) for p in paths[i:i + batch]])
+            probs.append(torch.sigmoid(model(to_model_input(images))).numpy())
+    write_submission(out, [p.stem for p in paths], decode(np.concatenate(probs), 0.2))
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path) -> tuple[float, float]:
+    """End to end and steady-state images/s of the pipeline, from the rows' arrival times."""
+    import ray.data
+
+    from planet_batch import score
+
+    arrivals = []
+    original = ray.data.Dataset.iter_batches
+
+    def timed(self, *a, **k):  # record when each batch reaches the driver
+        for b in original(self, *a, **k):
+            arrivals.append((time.perf_counter(), len(b["name"])))
+            yield b
+
+    ray.data.Dataset.iter_batches = timed
+    try:
+        t0 = time.perf_counter()
+        score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
+                                      overwrite=True))
+        wall = time.perf_counter() - t0
+    finally:
+        ray.data.Dataset.iter_batches = original
+    times = np.array([t for t, _ in arrivals])
+    counts = np.cumsum([c for _, c in arrivals])
+    lo, hi = np.searchsorted(counts, 0.25 * n), np.searchsorted(counts, 0.9 * n)
+    steady = (counts[hi] - counts[lo]) / (times[hi] - times[lo])
+    return n / wall, float(steady)
+
+
+def peak_rss_mb(n: int, arch: str, size: int) -> float:
+    """Score n images in a fresh process and return its peak RSS."""
+    code = (
+        "import sys, resource, tempfile, ray; from pathlib import Path; sys.argv=['x'];"
+        "from bench.score_throughput import make_images, make_export;"
+        "from planet_batch.score import run_scoring; from planet_batch.config import ScoreConfig;"
+        f"d=Path(tempfile.mkdtemp()); make_images(d/'img', {n}); e=make_export(d/'export', '{arch}', {size});"
+        "ray.init(num_cpus=2, log_to_driver=False);"
+        "run_scoring(ScoreConfig(model=str(e), images=str(d/'img'), out=str(d/'s.csv')));"
+        "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    return float(next(line.split()[1] for line in out.splitlines() if line.startswith("RSS")))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--arch", default="resnet34")
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--memory", type=int, nargs=2, metavar=("SMALL", "LARGE"),
+                   help="instead: driver peak RSS scoring SMALL and LARGE images (resnet18@64)")
+    args = p.parse_args()
+    setup_logging()
+    if args.memory:
+        small, large = (peak_rss_mb(n, "resnet18", 64) for n in args.memory)
+        print(json.dumps({"bench": "score_driver_memory", "n_images": args.memory, "peak_rss_mb": [small, large],
+                          "ratio": round(large / small, 3)}))
+        return
+    import ray
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        paths = make_images(tmp / "images", args.n_images)
+        export = make_export(tmp / "export", args.arch, args.size)
+        fwd = forward_rate(export, args.batch_size, args.threads)
+        print(f"(a) pure forward: {fwd:.1f} img/s", flush=True)
+        plain = plain_loop_rate(export, paths, args.batch_size, args.threads, tmp / "plain.csv")
+        print(f"(b) plain loop: {plain:.1f} img/s", flush=True)
+        ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
+        e2e, steady = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv")
+        print(f"(c) ray data: {e2e:.1f} img/s end to end, {steady:.1f} img/s steady state", flush=True)
+        same = (tmp / "plain.csv").read_text() == (tmp / "ray.csv").read_text()
+    print(json.dumps({
+        "bench": "score_throughput", "arch": args.arch, "size": args.size, "n_images": args.n_images,
+        "batch_size": args.batch_size, "threads": args.threads, "forward_img_s": round(fwd, 1),
+        "plain_loop_img_s": round(plain, 1), "ray_end_to_end_img_s": round(e2e, 1),
+        "ray_steady_img_s": round(steady, 1), "steady_vs_forward": round(steady / fwd, 3),
+        "end_to_end_vs_plain": round(e2e / plain, 3), "same_submission_as_plain_loop": same,
+        "projected_61191_s": round(61191 / steady + (args.n_images / e2e - args.n_images / steady), 0),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }))
+
+
+if __name__ == "__main__":
+    main()

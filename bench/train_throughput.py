@@ -1,0 +1,102 @@
+"""Images/s of one Ray Train epoch against a plain single-process PyTorch loop.
+
+Same generated images, model, batch size, augmentation and torch threads; both read and
+decode from disk every epoch. Each side runs 2 epochs and the second (warm) one is timed.
+The last line printed is JSON with both figures and their ratio.
+
+    python bench/train_throughput.py [--n-images 512 --size 128 --arch resnet18 --threads 2]
+"""
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from planet_batch.config import TrainConfig, load_config
+from planet_batch.data import train_valid_split
+from planet_batch.demo_data import write_demo_data
+from planet_batch.export import load_export
+from planet_batch.labels import TAGS
+from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
+from planet_batch.runtime import setup_logging
+from planet_batch.train import run_training
+from planet_batch.transforms import augment_batch, decode_image, to_model_input
+
+
+def plain_loop_epoch_rate(paths, targets, args) -> float:
+    torch.set_num_threads(args.threads)
+    model = build_model(args.arch, len(TAGS))
+    set_frozen(model, False)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), weight_decay=1e-2)
+    steps = len(paths) // args.batch_size
+    sched = one_cycle(opt, 2 * steps)
+    loss_fn = nn.BCEWithLogitsLoss()
+    rng = np.random.default_rng(0)
+    rate = 0.0
+    for _ in range(2):
+        t0 = time.perf_counter()
+        order = rng.permutation(len(paths))
+        for b in range(steps):
+            idx = order[b * args.batch_size:(b + 1) * args.batch_size]
+            images = np.stack([decode_image(Path(paths[i]).read_bytes(), args.size) for i in idx])
+            x = to_model_input(augment_batch(images, rng))
+            loss = loss_fn(model(x), torch.from_numpy(targets[idx]))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        rate = steps * args.batch_size / (time.perf_counter() - t0)
+    return rate
+
+
+def ray_train_epoch_rate(root, run_dir, args) -> float:
+    import ray
+
+    ray.init(num_cpus=args.cpus, log_to_driver=False)
+    stage = {"name": "bench", "size": args.size, "epochs": 2, "frozen": False, "lr": 0.01}
+    cfg = load_config(TrainConfig, None, [
+        f"arch={args.arch}", "weights=none", f"batch_size={args.batch_size}", "valid_pct=0.05",
+        f"workers={args.workers}", f"cpus_per_worker={args.cpus_per_worker}", f"torch_threads={args.threads}",
+        f"stages=[{json.dumps(stage)}]",
+    ])
+    run_training(cfg, root, run_dir)
+    state = torch.load(Path(run_dir) / "stages" / "bench.pt", weights_only=True)
+    ray.shutdown()
+    assert load_export(Path(run_dir) / "export").arch == args.arch
+    print(f"ray train: data wait {state['metrics']['data_wait_s']:.1f} s of the epoch", flush=True)
+    return float(state["metrics"]["train_images_per_s"])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-images", type=int, default=512)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--arch", default="resnet18")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--cpus", type=int, default=2)
+    args = p.parse_args()
+    setup_logging()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = write_demo_data(Path(tmp) / "data", n_train=args.n_images, n_test=1, n_additional=1, seed=0)
+        train, _ = train_valid_split(root, 0.05, 42)
+        plain = plain_loop_epoch_rate(train.paths, train.targets, args)
+        print(f"plain loop: {plain:.1f} img/s", flush=True)
+        ray_rate = ray_train_epoch_rate(root, Path(tmp) / "run", args)
+        print(f"ray train ({args.workers} worker(s)): {ray_rate:.1f} img/s", flush=True)
+    print(json.dumps({
+        "bench": "train_throughput", "arch": args.arch, "size": args.size, "batch_size": args.batch_size,
+        "threads": args.threads, "workers": args.workers, "n_images": len(train),
+        "plain_img_s": round(plain, 2), "ray_train_img_s": round(ray_rate, 2), "ratio": round(ray_rate / plain, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
