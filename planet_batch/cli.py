@@ -9,6 +9,7 @@ from pathlib import Path
 
 from planet_batch.config import ConfigError
 from planet_batch.export import ExportError
+from planet_batch.kaggle import ArchiveError, KaggleError
 from planet_batch.labels import TAGS, LabelFileError
 from planet_batch.layout import LayoutError
 from planet_batch.model import WeightsError
@@ -86,6 +87,19 @@ def cmd_check_submission(args) -> int:
     return 1 if problems else 0
 
 
+def cmd_download(args) -> None:
+    from planet_batch.kaggle import download
+
+    print(f"data root: {download(args.to, competition=args.competition, dataset=args.dataset)}")
+
+
+def cmd_submit(args) -> None:
+    from planet_batch.kaggle import submit
+
+    submit(args.file, args.message, competition=args.competition, sample=args.sample)
+    print(f"submitted {args.file} to {args.competition}")
+
+
 def add_train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/lesson3.yaml")
     s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout)")
@@ -151,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--sample", help="the sample submission whose names and order must match")
     s.set_defaults(func=cmd_check_submission)
+
+    from planet_batch.kaggle import COMPETITION
+
+    s = sub.add_parser("download", help="fetch and extract the Planet files from Kaggle")
+    s.add_argument("--to", required=True)
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--competition", help=f"competition files (default: {COMPETITION})")
+    which.add_argument("--dataset", help="a Kaggle dataset instead, e.g. nikitarom/planets-dataset")
+    s.set_defaults(func=cmd_download)
+
+    s = sub.add_parser("submit", help="check a submission, then submit it to the competition")
+    s.add_argument("file")
+    s.add_argument("-m", "--message", required=True)
+    s.add_argument("--competition", default=COMPETITION)
+    s.add_argument("--sample", help="sample submission to check names and order against")
+    s.set_defaults(func=cmd_submit)
     return p
 
 
@@ -160,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (ConfigError, LabelFileError, LayoutError, CapacityError, WeightsError, ExportError, TrainError,
-            ScoreError) as e:
+            ScoreError, KaggleError, ArchiveError) as e:
         print(f"planet-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
 
