@@ -67,6 +67,7 @@ class TrainConfig:
     torch_threads: int = 0  # 0: the worker's CPU share, at least 1
     max_failures: int = 3
     storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
+    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -92,6 +93,8 @@ class TrainConfig:
         _check_range("cpus_per_worker", self.cpus_per_worker, 0.0, 1024, open_ends=True)
         _check_range("torch_threads", self.torch_threads, 0, 1024)
         _check_range("max_failures", self.max_failures, -1, 1000)
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError(f"placement_strategy: unknown {self.placement_strategy!r}")
 
 
 def _check_range(name, value, lo, hi, open_ends=False, lo_closed=False):

@@ -235,7 +235,8 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
             "local_checkpoints": None if cfg.workers else str(Path(storage) / f"{run_id}-{stage.name}"),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
-                                     resources_per_worker=resources if cfg.workers else None),
+                                     resources_per_worker=resources if cfg.workers else None,
+                                     placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             name=f"{run_id}-{stage.name}",
             storage_path=storage,

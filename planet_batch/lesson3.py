@@ -1,0 +1,41 @@
+"""The whole lesson-3 notebook as one job: train the stages, export, score the test set, submit."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from planet_batch.config import ScoreConfig, TrainConfig
+from planet_batch.score import ScoreSummary, run_scoring
+from planet_batch.submission import check_submission
+from planet_batch.train import run_training
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lesson3Result:
+    export: Path
+    submission: ScoreSummary
+    submitted: bool
+
+
+def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, threshold: str = "0.2",
+                tta: bool = False, submit_message: str | None = None) -> Lesson3Result:
+    """Train -> export -> score test-jpg + test-jpg-additional -> check -> (optionally) submit to Kaggle."""
+    from planet_batch.kaggle import submit
+    from planet_batch.layout import find_layout
+
+    run_dir = Path(run_dir)
+    layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
+    export = run_training(train_cfg, data_root, run_dir)
+    summary = run_scoring(ScoreConfig(model=str(export), data=str(data_root), out=str(run_dir / "submission.csv"),
+                                      threshold=threshold, tta=tta, overwrite=True,
+                                      probs_out=str(run_dir / "probs.parquet")))
+    problems = check_submission(summary.output, layout.sample_submission)
+    if problems:
+        raise RuntimeError(f"{summary.output} failed its check: {'; '.join(problems)}")
+    if submit_message:
+        submit(summary.output, submit_message, sample=layout.sample_submission)
+    return Lesson3Result(export, summary, submitted=bool(submit_message))
