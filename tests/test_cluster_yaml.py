@@ -50,5 +50,6 @@ def test_dashboard_only_on_loopback_and_token_auth_on(cluster):
 
 def test_no_secrets_in_the_file():
     text = (ROOT / "cluster.yaml").read_text()
-    for pattern in (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key\s*[:=]", r"KAGGLE_KEY\s*[:=]\s*\S", r"BEGIN .*PRIVATE"):
+    secrets = (r"AKIA[0-9A-Z]{16}", r"aws_secret_access_key\s*[:=]", r"KAGGLE_KEY\s*[:=]\s*\S", r"BEGIN .*PRIVATE")
+    for pattern in secrets:
         assert not re.search(pattern, text), pattern
