@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from planet_batch.config import ConfigError, TrainConfig, load_config
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.runtime import CapacityError, fault_file
+from planet_batch.submission import check_submission
 from planet_batch.train import TrainError, run_training
 
 pytestmark = pytest.mark.ray
@@ -116,3 +118,23 @@ def test_unknown_arch_and_bad_stage_reference_are_config_errors():
         cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}], "arch=vgg16")
     with pytest.raises(ConfigError, match="start_from"):
         cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01, "start_from": "s0"}])
+
+
+def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path):
+    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    stages = "[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.run(
+        [sys.executable, "jobs/lesson3.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root),
+         "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"submission: {tmp_path / 'l3' / 'submission.csv'}" in proc.stdout
+    assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
+    assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
