@@ -7,15 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from planet_batch.config import ConfigError
-from planet_batch.export import ExportError
-from planet_batch.kaggle import ArchiveError, KaggleError
-from planet_batch.labels import TAGS, LabelFileError
-from planet_batch.layout import LayoutError
-from planet_batch.model import WeightsError
-from planet_batch.runtime import CapacityError, setup_logging
-from planet_batch.score import ScoreError
-from planet_batch.train import TrainError
+from planet_batch.errors import PlanetBatchError
+from planet_batch.runtime import setup_logging
 
 
 def cmd_demo_data(args) -> None:
@@ -27,6 +20,7 @@ def cmd_demo_data(args) -> None:
 
 def cmd_show_batch(args) -> None:
     from planet_batch.data import augmented_sample, train_valid_split
+    from planet_batch.labels import TAGS
     from planet_batch.plots import show_batch
 
     train, _ = train_valid_split(args.data)
@@ -189,8 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         return args.func(args) or 0
-    except (ConfigError, LabelFileError, LayoutError, CapacityError, WeightsError, ExportError, TrainError,
-            ScoreError, KaggleError, ArchiveError) as e:
+    except PlanetBatchError as e:
         print(f"planet-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
 

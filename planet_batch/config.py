@@ -14,11 +14,13 @@ from typing import Any, TypeVar
 
 import yaml
 
+from planet_batch.errors import PlanetBatchError
+
 T = TypeVar("T")
 ARCHS = ("resnet18", "resnet34", "resnet50")
 
 
-class ConfigError(ValueError):
+class ConfigError(PlanetBatchError, ValueError):
     pass
 
 

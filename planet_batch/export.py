@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from planet_batch.errors import PlanetBatchError
 from planet_batch.model import build_model
 
 EXPORT_FORMAT = "planet-batch-export"
 EXPORT_VERSION = 1
 
 
-class ExportError(ValueError):
+class ExportError(PlanetBatchError, ValueError):
     pass
 
 

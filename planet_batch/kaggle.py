@@ -15,6 +15,8 @@ import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
 
+from planet_batch.errors import PlanetBatchError
+
 log = logging.getLogger(__name__)
 
 COMPETITION = "planet-understanding-the-amazon-from-space"
@@ -29,11 +31,11 @@ DATASET = "nikitarom/planets-dataset"
 DONE_DIR = ".planet-batch-done"
 
 
-class KaggleError(RuntimeError):
+class KaggleError(PlanetBatchError, RuntimeError):
     pass
 
 
-class ArchiveError(ValueError):
+class ArchiveError(PlanetBatchError, ValueError):
     pass
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from planet_batch.errors import PlanetBatchError
+
 # fastai's MultiCategoryList sorts its classes, so this is the order of the lesson-3 notebook's outputs.
 TAGS: tuple[str, ...] = (
     "agriculture",
@@ -33,7 +35,7 @@ WEATHER_TAGS: tuple[str, ...] = ("clear", "cloudy", "haze", "partly_cloudy")
 TAG_INDEX = {t: i for i, t in enumerate(TAGS)}
 
 
-class LabelFileError(ValueError):
+class LabelFileError(PlanetBatchError, ValueError):
     """A label file that cannot be used; the message names the file, the line and the problem."""
 
     def __init__(self, path: Path | str, line: int | None, problem: str):

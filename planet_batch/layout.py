@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from planet_batch.errors import PlanetBatchError
+
 # Each layout names its files relative to the data root.
 COMPETITION = {
     "train_csv": "train_v2.csv",
@@ -28,7 +30,7 @@ KAGGLE_DATASET = {  # nikitarom/planets-dataset
 LAYOUTS = {"competition": COMPETITION, "kaggle-dataset": KAGGLE_DATASET}
 
 
-class LayoutError(FileNotFoundError):
+class LayoutError(PlanetBatchError, FileNotFoundError):
     pass
 
 

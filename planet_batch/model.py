@@ -8,8 +8,10 @@ import torch
 import torchvision
 from torch import nn
 
+from planet_batch.errors import PlanetBatchError
 
-class WeightsError(RuntimeError):
+
+class WeightsError(PlanetBatchError, RuntimeError):
     pass
 
 

@@ -8,6 +8,8 @@ import os
 import signal
 from pathlib import Path
 
+from planet_batch.errors import PlanetBatchError
+
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,7 +38,7 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
 
 
-class CapacityError(RuntimeError):
+class CapacityError(PlanetBatchError, RuntimeError):
     pass
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from planet_batch.config import ScoreConfig, to_dict
+from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, load_export, write_atomic
 from planet_batch.labels import TAGS, decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
@@ -27,7 +28,7 @@ from planet_batch.transforms import decode_batch, to_model_input
 log = logging.getLogger(__name__)
 
 
-class ScoreError(RuntimeError):
+class ScoreError(PlanetBatchError, RuntimeError):
     pass
 
 

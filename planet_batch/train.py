@@ -21,6 +21,7 @@ from torch import nn
 
 from planet_batch.config import TrainConfig, from_dict, save_config, to_dict
 from planet_batch.data import Split, labelled_dataset, train_valid_split
+from planet_batch.errors import PlanetBatchError
 from planet_batch.export import save_export, write_atomic
 from planet_batch.labels import TAGS
 from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 METRIC_COLUMNS = ("stage", "epoch", "train_loss", "valid_loss", "accuracy_thresh", "fbeta", "time")
 
 
-class TrainError(RuntimeError):
+class TrainError(PlanetBatchError, RuntimeError):
     pass
 
 
