@@ -70,6 +70,9 @@ class TrainConfig:
     max_failures: int = 3
     storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
     placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
+    # The cluster adds nodes on demand (cluster.yaml's GPU workers start at 0): skip the up-front
+    # capacity check and let Ray Train wait for the autoscaler instead of failing.
+    autoscale: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHS:

@@ -295,7 +295,8 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
             raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
     model_state = initial_state(cfg)
     ensure_ray()
-    check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
+    if not cfg.autoscale:
+        check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
     quiet_data_progress()
     save_config(cfg, run_dir / "config.yaml")
     storage = cfg.storage or str(run_dir / "ray")

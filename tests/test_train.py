@@ -113,6 +113,21 @@ def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrid
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tmp_path):
+    import planet_batch.train as train
+
+    def stop_before_training(*a, **k):
+        raise RuntimeError("reached Ray Train")
+
+    monkeypatch.setattr(train, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train, "check_capacity", lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
+    monkeypatch.setattr(train, "fit_stage", stop_before_training)
+    monkeypatch.setattr(train, "quiet_data_progress", lambda: None)
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    with pytest.raises(RuntimeError, match="reached Ray Train"):
+        run_training(cfg(stages, "autoscale=true", "workers=4", "gpu=true"), demo_root, tmp_path / "run")
+
+
 def test_unknown_arch_and_bad_stage_reference_are_config_errors():
     with pytest.raises(ConfigError, match="arch"):
         cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}], "arch=vgg16")
