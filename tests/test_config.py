@@ -4,6 +4,7 @@ import pytest
 
 from planet_batch.config import (
     ConfigError,
+    ScoreConfig,
     Stage,
     TrainConfig,
     apply_overrides,
@@ -58,3 +59,47 @@ def test_stage_from_earlier_stage_or_file():
     Stage("a", 64, 1, True, 0.01, start_from="old-run/stages/stage-2.pt")
     with pytest.raises(ConfigError, match="duplicate"):
         TrainConfig(stages=(Stage("a", 64, 1, True, 0.01), Stage("a", 64, 1, True, 0.01)))
+
+
+def _wrong_value(tp):
+    """A value of the wrong type for a field annotated `tp`."""
+    text = str(tp)
+    if "bool" in text and "int" not in text:
+        return "yes please"
+    if "str" in text and "float" not in text:
+        return 123 if "None" not in text else ["a", "list"]
+    return "not-a-number"
+
+
+@pytest.mark.parametrize("cls, base", [(TrainConfig, BASE), (ScoreConfig, {"model": "m", "images": "i"})])
+def test_every_field_of_the_wrong_type_is_rejected_by_name(cls, base):
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.name == "stages":
+            continue
+        with pytest.raises(ConfigError, match=re.escape(field.name)):
+            from_dict(cls, {**base, field.name: _wrong_value(hints[field.name])})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("batch_size", 0), ("valid_pct", 0.0), ("threshold", 1.0), ("weight_decay", -0.1), ("dropout", 1.0),
+     ("workers", -1), ("cpus_per_worker", 0.0), ("torch_threads", -1), ("max_failures", -2),
+     ("placement_strategy", "ANYWHERE")],
+)
+def test_every_train_field_out_of_range_is_rejected_by_name(field, value):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        from_dict(TrainConfig, {**BASE, field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("threshold", "1.5"), ("threshold", "high"), ("batch_size", 0), ("actors", -1), ("cpus_per_actor", 0.0),
+     ("gpus_per_actor", -1.0), ("torch_threads", -1)],
+)
+def test_every_score_field_out_of_range_is_rejected_by_name(field, value):
+    with pytest.raises(ConfigError, match=re.escape(field)):
+        from_dict(ScoreConfig, {"model": "m", "images": "i", field: value})
