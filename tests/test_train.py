@@ -153,3 +153,18 @@ def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path)
     assert f"submission: {tmp_path / 'l3' / 'submission.csv'}" in proc.stdout
     assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
     assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
+
+
+def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_local, learnable_root, tmp_path):
+    stages = [{"name": "twice", "size": 32, "epochs": 4, "frozen": False, "lr": 0.01}]
+    calm = load_export(run_training(cfg(stages), learnable_root, tmp_path / "calm")).metrics
+    points = ["train:twice:1:2:1", "train:twice:3:1:0"]  # rank 1 in epoch 1, then rank 0 in epoch 3
+    for p in points:
+        fault_file(ray_local, p).touch()
+    hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
+    assert all(fault_file(ray_local, p, "fired").exists() for p in points)
+    state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
+    assert state["resumed_after"] == [0, 2]
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3]
+    # Same seed, same data; only shuffling and augmentation draws differ between the two runs.
+    assert abs(hit["fbeta"] - calm["fbeta"]) < 0.1 and abs(hit["valid_loss"] - calm["valid_loss"]) < 0.1, (calm, hit)
