@@ -9,7 +9,7 @@ import numpy as np
 
 from planet_batch.labels import Labels, read_labels
 from planet_batch.layout import find_layout, split_indices
-from planet_batch.transforms import augment_batch, decode_batch, decode_image
+from planet_batch.transforms import augment_batch, decode_batch
 
 
 @dataclass(frozen=True)
@@ -43,11 +43,12 @@ def train_valid_split(data_root: Path | str, valid_pct: float = 0.2, seed: int =
 
 
 def augmented_sample(split: Split, n: int, size: int, seed: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """`n` random training images decoded and augmented exactly as training sees them."""
+    """`n` random training images through the training pipeline's own batch function."""
     rng = np.random.default_rng(seed)
     idx = rng.choice(len(split), size=min(n, len(split)), replace=False)
-    images = np.stack([decode_image(Path(split.paths[i]).read_bytes(), size, split.names[i]) for i in idx])
-    return augment_batch(images, rng), [split.names[i] for i in idx], split.targets[idx]
+    batch = load_labelled_batch({"path": [split.paths[i] for i in idx], "target": split.targets[idx]}, size,
+                                augment=True, rng=rng)
+    return batch["image"], [split.names[i] for i in idx], batch["target"]
 
 
 def read_bytes(path: str) -> bytes:
@@ -62,12 +63,15 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def load_labelled_batch(batch: dict, size: int, augment: bool) -> dict:
-    """{path, target} -> {image uint8 NHWC, target}; augmentation here runs in Ray Data's tasks."""
+def load_labelled_batch(batch: dict, size: int, augment: bool, rng: np.random.Generator | None = None) -> dict:
+    """{path, target} -> {image uint8 NHWC, target}; augmentation here runs in Ray Data's tasks.
+
+    Without `rng` every call draws fresh augmentations, as each training epoch should.
+    """
     paths = list(batch["path"])
     images = decode_batch({"bytes": [read_bytes(p) for p in paths], "path": paths}, size)["image"]
     if augment:
-        images = augment_batch(images, np.random.default_rng())
+        images = augment_batch(images, rng if rng is not None else np.random.default_rng())
     return {"image": images, "target": np.asarray(batch["target"], dtype=np.float32)}
 
 

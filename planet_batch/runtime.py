@@ -30,12 +30,12 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
 
 
-def ensure_ray(num_cpus: int | None = None) -> None:
+def ensure_ray() -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local Ray."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus if not os.environ.get("RAY_ADDRESS") else None, log_to_driver=True)
+        ray.init()
 
 
 class CapacityError(PlanetBatchError, RuntimeError):

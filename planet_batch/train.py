@@ -315,8 +315,7 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
         state = fit_stage(cfg, i, model_state, train, valid, storage, run_id)
         model_state = finished[stage.name] = state["model"]
         history = state["history"]
-        for m in history["epochs"]:
-            rows.append(m)
+        rows.extend(history["epochs"])
         per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
         for k in range(len(history["epochs"])):
             epoch_ends.append(len(batch_losses) + (k + 1) * per_epoch)
