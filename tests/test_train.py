@@ -164,7 +164,10 @@ def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_l
     hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
     assert all(fault_file(ray_local, p, "fired").exists() for p in points)
     state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
-    assert state["resumed_after"] == [0, 2]
+    # Each restart resumed from a checkpoint, never from scratch. The second may load epoch 1's rather than
+    # epoch 2's: seen once in CI, Ray had not yet registered the newest checkpoint when rank 0 died.
+    first, second = state["resumed_after"]
+    assert first == 0 and second in (1, 2), state["resumed_after"]
     assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3]
     # Same seed, same data; only shuffling and augmentation draws differ between the two runs.
     assert abs(hit["fbeta"] - calm["fbeta"]) < 0.1 and abs(hit["valid_loss"] - calm["valid_loss"]) < 0.1, (calm, hit)
