@@ -9,10 +9,13 @@ its planned epochs in metrics.csv.
 from __future__ import annotations
 
 import csv
+import itertools
 import logging
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +80,13 @@ def predict_shard(model: nn.Module, shard, batch_size: int, device, amp: bool):
     return (np.concatenate(probs) if probs else empty), (np.concatenate(targets) if targets else empty), loss_sum
 
 
+def started(batches: Iterable) -> Iterator:
+    """`batches` as an iterator whose first item has been fetched, so its pipeline is running."""
+    it = iter(batches)
+    first = next(it, None)
+    return it if first is None else itertools.chain([first], it)
+
+
 def train_stage_loop(config: dict) -> None:
     """`train_loop_per_worker`: one stage's epochs, resuming from Ray's latest checkpoint if there is one."""
     import ray
@@ -116,19 +126,25 @@ def train_stage_loop(config: dict) -> None:
         if rank == 0:
             log.info("stage %s: resumed from the checkpoint of epoch %d", stage.name, state["epoch"])
 
+    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
     train_shard = ray.train.get_dataset_shard("train")
     valid_shard = ray.train.get_dataset_shard(f"valid_{rank}")
     loss_fn = nn.BCEWithLogitsLoss()
     if rank == 0:
         log.info("stage %s: %s, size %d, lr %s\n%s", stage.name, "frozen" if stage.frozen else "unfrozen",
                  stage.size, stage.lr, TABLE_HEADER)
+    def start_epoch():
+        return started(train_shard.iter_torch_batches(
+            batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=2,
+            local_shuffle_buffer_size=4 * cfg.batch_size))
+
+    upcoming = None
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
         model.train()
         losses = []
         wait, t_wait = 0.0, time.perf_counter()
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True, device=device,
-                                                 prefetch_batches=2, local_shuffle_buffer_size=4 * cfg.batch_size)
+        batches = upcoming.result() if upcoming is not None else start_epoch()
         for b, batch in enumerate(batches):
             wait += time.perf_counter() - t_wait
             maybe_inject_fault(f"train:{stage.name}:{epoch}:{b}:{rank}")
@@ -145,6 +161,10 @@ def train_stage_loop(config: dict) -> None:
             t_wait = time.perf_counter()
 
         train_seconds = time.perf_counter() - t0
+        if epoch + 1 < stage.epochs:
+            # Ray Data restarts the pipeline every epoch (~2 s before the first batch on 2 CPUs):
+            # start the next one now, so that start-up overlaps validation instead of training.
+            upcoming = prefetcher.submit(start_epoch)
         probs, targets, vloss = predict_shard(raw, valid_shard, cfg.batch_size, device, amp)
         parts = _all_gather((probs, targets, vloss, float(np.sum(losses)), len(losses), train_seconds, wait))
         probs = np.concatenate([p[0] for p in parts])
@@ -175,6 +195,9 @@ def train_stage_loop(config: dict) -> None:
             }
             if epoch == stage.epochs - 1:  # the export tunes thresholds on these
                 state["valid_probs"], state["valid_targets"] = torch.from_numpy(probs), torch.from_numpy(targets)
+            # Ray Train registers a report when its controller next polls the workers (every 2 s,
+            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying before that resumes from the previous
+            # checkpoint, so at most one epoch is redone and metrics.csv still lists each epoch once.
             if config["local_checkpoints"]:
                 # Local mode keeps a reference to the folder instead of copying it to storage.
                 d = Path(config["local_checkpoints"]) / f"checkpoint_{epoch:06d}"
@@ -187,6 +210,7 @@ def train_stage_loop(config: dict) -> None:
                     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(metrics)
+    prefetcher.shutdown()
 
 
 # ----------------------------------------------------------------------------------------------

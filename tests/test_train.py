@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -85,16 +86,17 @@ def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, 
 
 
 def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, tmp_path):
-    stages = [{"name": "faulty", "size": 32, "epochs": 3, "frozen": True, "lr": 0.01}]
-    point = "train:faulty:1:1:1"  # stage faulty, epoch 1, batch 1, rank 1
+    stages = [{"name": "faulty", "size": 32, "epochs": 4, "frozen": True, "lr": 0.01}]
+    point = "train:faulty:2:1:1"  # stage faulty, epoch 2, batch 1, rank 1
     fault_file(ray_local, point).touch()
     run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run")
     assert fault_file(ray_local, point, "fired").exists(), "the fault never fired"
-    # Exactly the planned epochs, none repeated: epoch 0 came back from its checkpoint.
-    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "run")] == [0, 1, 2]
+    # Exactly the planned epochs, none repeated: the retry loaded a checkpoint, it did not start over.
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "run")] == [0, 1, 2, 3]
     state = torch.load(tmp_path / "run" / "stages" / "faulty.pt", weights_only=True)
-    assert state["metrics"]["epoch"] == 2
-    assert state["resumed_after"] == [0]  # the retry loaded epoch 0's checkpoint, it did not start over
+    assert state["metrics"]["epoch"] == 3
+    # Epoch 1's checkpoint, or epoch 0's when the worker died inside Ray Train's 2 s poll of the last report.
+    assert state["resumed_after"] in ([1], [0])
 
 
 @pytest.mark.parametrize(
@@ -136,39 +138,61 @@ def test_unknown_arch_and_bad_stage_reference_are_config_errors():
 
 
 def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path):
-    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check."""
+    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check.
+
+    With Kaggle credentials in the environment and in kaggle.json, as on a user's machine: the key
+    must not reach the output, the run folder (config, checkpoints, export) or Ray's session logs.
+    """
     import subprocess
     import sys
+    import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    stages = "[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]"
+    secret = "kaggle-key-" + os.urandom(8).hex()
+    kaggle_dir = tmp_path / "kaggle"
+    kaggle_dir.mkdir()
+    (kaggle_dir / "kaggle.json").write_text(json.dumps({"username": "someone", "key": secret}))
+    (kaggle_dir / "kaggle.json").chmod(0o600)
+    ray_tmp = tempfile.mkdtemp(prefix="pb-l3-", dir="/tmp")  # short: Ray's socket paths must fit 108 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.run(
-        [sys.executable, "jobs/lesson3.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root),
-         "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"submission: {tmp_path / 'l3' / 'submission.csv'}" in proc.stdout
-    assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
-    assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
+    env |= {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": secret, "KAGGLE_CONFIG_DIR": str(kaggle_dir),
+            "RAY_TMPDIR": ray_tmp}
+    stages = "[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "jobs/lesson3.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root),
+             "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"submission: {tmp_path / 'l3' / 'submission.csv'}" in proc.stdout
+        assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
+        assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
+
+        assert secret not in proc.stdout + proc.stderr
+        scanned = [p for d in (tmp_path / "l3", Path(ray_tmp)) for p in d.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".pt" for p in scanned) and any(p.suffix == ".log" for p in scanned)
+        leaked = [p for p in scanned if secret.encode() in p.read_bytes()]
+        assert leaked == [], f"the Kaggle key is in {leaked}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-@pytest.mark.flaky_fault  # failed 2 of 4 runs (cause not yet found); run with `pytest -m flaky_fault`
 def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_local, learnable_root, tmp_path):
-    stages = [{"name": "twice", "size": 32, "epochs": 4, "frozen": False, "lr": 0.01}]
+    stages = [{"name": "twice", "size": 32, "epochs": 5, "frozen": False, "lr": 0.01}]
     calm = load_export(run_training(cfg(stages), learnable_root, tmp_path / "calm")).metrics
-    points = ["train:twice:1:2:1", "train:twice:3:1:0"]  # rank 1 in epoch 1, then rank 0 in epoch 3
+    points = ["train:twice:2:1:1", "train:twice:4:1:0"]  # rank 1 in epoch 2, then rank 0 in epoch 4
     for p in points:
         fault_file(ray_local, p).touch()
     hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
+    print("calm", calm, "hit", hit)
     assert all(fault_file(ray_local, p, "fired").exists() for p in points)
     state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
-    # Each restart resumed from a checkpoint, never from scratch. The second may load epoch 1's rather than
-    # epoch 2's: seen once in CI, Ray had not yet registered the newest checkpoint when rank 0 died.
+    # Each restart resumed from a checkpoint, never from scratch: from the epoch before the fault, or the one
+    # before that when the worker died inside Ray Train's 2 s poll after the last report (see train.py).
     first, second = state["resumed_after"]
-    assert first == 0 and second in (1, 2), state["resumed_after"]
-    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3]
+    assert first in (0, 1) and second in (2, 3) and first < second, state["resumed_after"]
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3, 4]
     # Same seed, same data; only shuffling and augmentation draws differ between the two runs.
     assert abs(hit["fbeta"] - calm["fbeta"]) < 0.1 and abs(hit["valid_loss"] - calm["valid_loss"]) < 0.1, (calm, hit)
