@@ -85,7 +85,8 @@ def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: in
     return len(paths) / (time.perf_counter() - t0)
 
 
-def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path) -> tuple[float, float]:
+def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpus_per_actor: float
+              ) -> tuple[float, float]:
     """End to end and steady-state images/s of the pipeline, from the rows' arrival times."""
     import ray.data
 
@@ -103,7 +104,7 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path) -> 
     try:
         t0 = time.perf_counter()
         score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
-                                      overwrite=True))
+                                      cpus_per_actor=cpus_per_actor, overwrite=True))
         wall = time.perf_counter() - t0
     finally:
         ray.data.Dataset.iter_batches = original
@@ -137,6 +138,8 @@ def main():
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--cpus-per-actor", type=float, nargs="+", default=[ScoreConfig.cpus_per_actor],
+                   help="one Ray Data run per value, side by side (the first is reported as the main figure)")
     p.add_argument("--memory", type=int, nargs=2, metavar=("SMALL", "LARGE"),
                    help="instead: driver peak RSS scoring SMALL and LARGE images (resnet18@64)")
     args = p.parse_args()
@@ -157,8 +160,13 @@ def main():
         plain = plain_loop_rate(export, paths, args.batch_size, args.threads, tmp / "plain.csv")
         print(f"(b) plain loop: {plain:.1f} img/s", flush=True)
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
-        e2e, steady = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv")
-        print(f"(c) ray data: {e2e:.1f} img/s end to end, {steady:.1f} img/s steady state", flush=True)
+        variants = {}
+        for cpus in args.cpus_per_actor:
+            e2e, steady = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv", cpus)
+            print(f"(c) ray data, {cpus:g} CPU per actor: {e2e:.1f} img/s end to end, {steady:.1f} img/s steady "
+                  "state", flush=True)
+            variants[cpus] = {"end_to_end_img_s": round(e2e, 1), "steady_img_s": round(steady, 1)}
+        e2e, steady = (variants[args.cpus_per_actor[0]][k] for k in ("end_to_end_img_s", "steady_img_s"))
         same = (tmp / "plain.csv").read_text() == (tmp / "ray.csv").read_text()
     print(json.dumps({
         "bench": "score_throughput", "arch": args.arch, "size": args.size, "n_images": args.n_images,
@@ -167,6 +175,7 @@ def main():
         "ray_steady_img_s": round(steady, 1), "steady_vs_forward": round(steady / fwd, 3),
         "end_to_end_vs_plain": round(e2e / plain, 3), "same_submission_as_plain_loop": same,
         "projected_61191_s": round(61191 / steady + (args.n_images / e2e - args.n_images / steady), 0),
+        "by_cpus_per_actor": variants,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 

@@ -58,7 +58,7 @@ def cmd_score(args) -> None:
     flags = {
         "model": args.model, "data": args.data, "images": args.images, "out": args.out, "threshold": args.threshold,
         "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
-        "gpus_per_actor": args.gpus_per_actor, "probs_out": args.probs_out,
+        "gpus_per_actor": args.gpus_per_actor, "probs_out": args.probs_out, "stall_timeout_s": args.stall_timeout,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
     overrides += [f"{k}=true" for k in ("tta", "strict", "overwrite") if getattr(args, k)]
@@ -145,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threshold", help="a number (default 0.2) or 'tuned' for the export's per-class thresholds")
     s.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
     s.add_argument("--batch-size", type=int)
-    s.add_argument("--actors", type=int, help="predictor actors (default 1)")
+    s.add_argument("--actors", type=int, help="predictor actors (default: one per GPU, or one per CPU)")
     s.add_argument("--cpus-per-actor", type=float)
     s.add_argument("--gpus-per-actor", type=float)
     s.add_argument("--probs-out", help="also write every probability to this Parquet file")
     s.add_argument("--strict", action="store_true", help="fail instead of giving unreadable images empty tags")
     s.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    s.add_argument("--stall-timeout", type=float, help="fail after this many seconds without a scored batch "
+                   "(default 600; 0 waits forever)")
     s.add_argument("--config", help="score config YAML (flags override it)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_score)

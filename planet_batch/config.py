@@ -249,12 +249,18 @@ class ScoreConfig:
     tta: bool = False  # average the 8 dihedral views
     batch_size: int = 64
     actors: int = 0  # 0: one per GPU with gpus_per_actor, else one per CPU of the cluster
-    cpus_per_actor: float = 0.5  # fractional, so decode tasks always keep CPUs of their own
+    # Logical CPUs (threads are torch_threads): with one actor per CPU, 0.25 leaves the read/decode tasks
+    # 3/4 of the cluster, and still half of it after a lost node's actors restart elsewhere; at 0.5 those
+    # restarted actors took every CPU and scoring stalled (tests/test_cluster.py). Same speed on 2 cores.
+    cpus_per_actor: float = 0.25
     gpus_per_actor: float = 0.0
     torch_threads: int = 0  # 0: the node's cores shared among the actors
     probs_out: str | None = None  # Parquet of every probability
     strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
     overwrite: bool = False
+    # No scored batch for this long fails the job (0: wait forever). A cluster that lost a node can
+    # otherwise wait without end: its restarted actors may take the CPUs the read tasks need.
+    stall_timeout_s: float = 600.0
 
     def __post_init__(self):
         if (self.data is None) == (self.images is None):
@@ -270,3 +276,4 @@ class ScoreConfig:
         _check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024, open_ends=True)
         _check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64)
         _check_range("torch_threads", self.torch_threads, 0, 1024)
+        _check_range("stall_timeout_s", self.stall_timeout_s, 0.0, 7 * 86400)

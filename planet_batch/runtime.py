@@ -35,7 +35,11 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init()
+        joining = bool(os.environ.get("RAY_ADDRESS"))
+        ctx = ray.init()
+        # Ray's own default keeps a local dashboard and job API on 127.0.0.1, behind its token.
+        log.info("%s Ray; dashboard: %s", "joined the" if joining else "started a local",
+                 ctx.dashboard_url or "off")
 
 
 class CapacityError(PlanetBatchError, RuntimeError):

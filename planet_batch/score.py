@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -102,6 +105,39 @@ def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Path]]:
     return submission_order(names), [folder]
 
 
+def batches_or_stall(ds, timeout_s: float, progress: Callable[[], str]) -> Iterator[dict]:
+    """The dataset's batches; a ScoreError once none has arrived for `timeout_s` (0: no limit).
+
+    Ray Data does not fail when its work cannot be placed: after a node is lost, the restarted
+    actors can hold every CPU the read tasks need and the job would wait forever. The alarm
+    raises in the main thread, inside Ray Data's iterator, which then shuts its execution down
+    as it does for Ctrl-C. Off the main thread (no signals there) there is no limit.
+    """
+    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
+    if not timeout_s or threading.current_thread() is not threading.main_thread():
+        yield from batches
+        return
+
+    def stalled(signum, frame):
+        raise ScoreError(f"no scored batch in {timeout_s:g} s ({progress()}): the cluster cannot place the work; "
+                         "a lost node, or too few CPUs for the actors plus the read tasks (see Ray Data's progress "
+                         "above); no output written")
+
+    t0, (outer_left, _) = time.monotonic(), signal.getitimer(signal.ITIMER_REAL)  # e.g. pytest-timeout's
+    previous = signal.signal(signal.SIGALRM, stalled)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+        for batch in batches:
+            signal.setitimer(signal.ITIMER_REAL, 0)  # the consumer's own time is not a stall
+            yield batch
+            signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if outer_left:
+            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - t0), 0.001))
+
+
 def default_actors(resources: dict, gpus_per_actor: float) -> int:
     """One actor per GPU; on CPUs one single-threaded actor per core.
 
@@ -153,7 +189,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
 
     probs: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+    for batch in batches_or_stall(ds, cfg.stall_timeout_s, lambda: f"{len(probs)} of {len(order)} images scored"):
         for name, p, ok, err in zip(batch["name"], batch["probs"], batch["ok"], batch["error"]):
             if name in probs:
                 raise ScoreError(f"{name} was scored twice: the input holds two files of that name")

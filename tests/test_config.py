@@ -98,7 +98,7 @@ def test_every_train_field_out_of_range_is_rejected_by_name(field, value):
 @pytest.mark.parametrize(
     "field, value",
     [("threshold", "1.5"), ("threshold", "high"), ("batch_size", 0), ("actors", -1), ("cpus_per_actor", 0.0),
-     ("gpus_per_actor", -1.0), ("torch_threads", -1)],
+     ("gpus_per_actor", -1.0), ("torch_threads", -1), ("stall_timeout_s", -1.0)],
 )
 def test_every_score_field_out_of_range_is_rejected_by_name(field, value):
     with pytest.raises(ConfigError, match=re.escape(field)):

@@ -186,3 +186,28 @@ def test_interrupted_scoring_leaves_no_partial_file_and_a_rerun_matches(demo_roo
     assert [r[0] for r in rows] == names
     # The rerun is the complete, deterministic answer: what the plain loop gives for the same images.
     assert [r[1] for r in rows] == decode(plain_probs(export_dir, [folder / f"{n}.jpg" for n in names]), 0.2)
+
+
+class _Stuck:
+    """A stand-in dataset: one batch, then nothing (as when a cluster cannot place the work) or an error."""
+
+    def __init__(self, then):
+        self.then = then
+
+    def iter_batches(self, **kw):
+        yield {"name": np.array(["a"])}
+        if self.then == "hang":
+            time.sleep(60)
+        raise RuntimeError("a Ray task failed")
+
+
+def test_a_stalled_stream_fails_loudly_and_stream_errors_surface():
+    from planet_batch.score import batches_or_stall
+
+    t0 = time.perf_counter()
+    with pytest.raises(ScoreError, match=r"no scored batch in 0.3 s \(1 of 9 images scored\)"):
+        for _ in batches_or_stall(_Stuck("hang"), 0.3, lambda: "1 of 9 images scored"):
+            pass
+    assert time.perf_counter() - t0 < 5
+    with pytest.raises(RuntimeError, match="a Ray task failed"):
+        list(batches_or_stall(_Stuck("fail"), 30, str))
