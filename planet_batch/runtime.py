@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from pathlib import Path
 
 from planet_batch.errors import PlanetBatchError
@@ -13,6 +14,18 @@ from planet_batch.errors import PlanetBatchError
 log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class CurrentStderr(logging.StreamHandler):
+    """A handler on whatever sys.stderr is when it writes: pytest and Ray swap the stream out."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):
+        pass
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -24,7 +37,7 @@ def setup_logging(verbose: bool = False) -> None:
     logger = logging.getLogger("planet_batch")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     if not logger.handlers:
-        handler = logging.StreamHandler()
+        handler = CurrentStderr()
         handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
         logger.addHandler(handler)
         logger.propagate = False

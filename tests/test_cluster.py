@@ -131,11 +131,23 @@ def client(cluster):
     return JobSubmissionClient(cluster["url"], headers={"Authorization": f"Bearer {cluster['token']}"})
 
 
+def submit(jobs, entrypoint, timeout=90) -> str:
+    """Submit with this checkout as the working dir; a new head's job agent can need a while to come up."""
+    end = time.time() + timeout
+    while True:
+        try:
+            return jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > end:
+                raise
+            time.sleep(2)
+
+
 def run_job(cluster, entrypoint, timeout=420):
     from ray.job_submission import JobStatus
 
     c = client(cluster)
-    job = c.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
+    job = submit(c, entrypoint)
     end = time.time() + timeout
     while time.time() < end:
         status = c.get_job_status(job)
@@ -219,10 +231,8 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
     out.parent.mkdir()
     with two_node_cluster(tmp_path) as c:
         jobs = client(c)
-        job = jobs.submit_job(
-            entrypoint=f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
-                       "--stall-timeout 30",
-            runtime_env={"working_dir": str(ROOT)})
+        job = submit(jobs, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
+                           "--stall-timeout 30")
         ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
         # Actors on the worker node are sometimes still starting when the work is done (2 shared cores):
         # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
