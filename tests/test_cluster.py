@@ -41,8 +41,10 @@ def free_port() -> int:
 
 
 def start(args, env, log):
-    return subprocess.Popen([RAY, "start", "--block", *args], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    # Each node's dashboard agent gets its own port: Ray's fixed default (52365) collides between nodes on one
+    # machine, and a node without its agent cannot take jobs ("No available agent to submit job").
+    return subprocess.Popen([RAY, "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def stop(proc):
@@ -159,6 +161,43 @@ def run_job(cluster, entrypoint, timeout=420):
     return logs
 
 
+# First in the module: it runs its own cluster, before the shared one is started.
+def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_failure(demo_root, tmp_path):
+    """Stop the worker node while the cluster scores: never a short or duplicated file."""
+    from ray.job_submission import JobStatus
+
+    from planet_batch.demo_data import write_demo_data
+
+    # Long enough (~1.5 min) that the actors on the worker node, slow to start on 2 shared cores, get to work.
+    data = write_demo_data(tmp_path / "data", n_train=4, n_test=1200, n_additional=300, seed=3)
+    export = tiny_export(tmp_path / "export", size=96)
+    out = tmp_path / "out" / "submission.csv"
+    out.parent.mkdir()
+    with two_node_cluster(tmp_path) as c:
+        jobs = client(c)
+        job = submit(jobs, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
+                           "--stall-timeout 30")
+        ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        # Actors on the worker node are sometimes still starting when the work is done (2 shared cores):
+        # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
+        wait_for(lambda: len(predictors(c)) >= 2 or jobs.get_job_status(job) in ended, 150, "scoring actors")
+        time.sleep(5)
+        nodes = len({a["node_id"] for a in predictors(c)})
+        assert jobs.get_job_status(job) not in ended, jobs.get_job_logs(job)[-3000:]
+        stop(c["worker"])
+        wait_for(lambda: jobs.get_job_status(job) in ended, 240, "the job's end")
+        status, logs = jobs.get_job_status(job), jobs.get_job_logs(job)
+    files = sorted(p.name for p in out.parent.iterdir())
+    reasons = [line for line in logs.splitlines() if "score: error:" in line or line.startswith("ray.exceptions.")]
+    # The outcome, for docs/reliability.md (visible with -s).
+    print(f"after losing the worker node (actors on {nodes} nodes): {status}; {files}; {reasons}")
+    if status == JobStatus.SUCCEEDED:
+        assert check_submission(out, data / "sample_submission_v2.csv") == [], logs[-3000:]
+    else:  # a loud failure: our stall error or Ray's own, and nothing written
+        assert reasons, logs[-3000:]
+        assert "submission.csv" not in files and not any(".tmp" in f for f in files), files
+
+
 def test_requests_without_the_token_are_refused(cluster):
     from ray.job_submission import JobSubmissionClient
 
@@ -216,42 +255,6 @@ def test_a_local_ray_keeps_its_dashboard_on_loopback_and_wants_the_token(tmp_pat
         proc.stdin.close()
         proc.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_failure(demo_root, tmp_path):
-    """Stop the worker node while the cluster scores: never a short or duplicated file."""
-    from ray.job_submission import JobStatus
-
-    from planet_batch.demo_data import write_demo_data
-
-    # Long enough (~1.5 min) that the actors on the worker node, slow to start on 2 shared cores, get to work.
-    data = write_demo_data(tmp_path / "data", n_train=4, n_test=1200, n_additional=300, seed=3)
-    export = tiny_export(tmp_path / "export", size=96)
-    out = tmp_path / "out" / "submission.csv"
-    out.parent.mkdir()
-    with two_node_cluster(tmp_path) as c:
-        jobs = client(c)
-        job = submit(jobs, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
-                           "--stall-timeout 30")
-        ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
-        # Actors on the worker node are sometimes still starting when the work is done (2 shared cores):
-        # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
-        wait_for(lambda: len(predictors(c)) >= 2 or jobs.get_job_status(job) in ended, 150, "scoring actors")
-        time.sleep(5)
-        nodes = len({a["node_id"] for a in predictors(c)})
-        assert jobs.get_job_status(job) not in ended, jobs.get_job_logs(job)[-3000:]
-        stop(c["worker"])
-        wait_for(lambda: jobs.get_job_status(job) in ended, 240, "the job's end")
-        status, logs = jobs.get_job_status(job), jobs.get_job_logs(job)
-    files = sorted(p.name for p in out.parent.iterdir())
-    reasons = [line for line in logs.splitlines() if "score: error:" in line or line.startswith("ray.exceptions.")]
-    # The outcome, for docs/reliability.md (visible with -s).
-    print(f"after losing the worker node (actors on {nodes} nodes): {status}; {files}; {reasons}")
-    if status == JobStatus.SUCCEEDED:
-        assert check_submission(out, data / "sample_submission_v2.csv") == [], logs[-3000:]
-    else:  # a loud failure: our stall error or Ray's own, and nothing written
-        assert reasons, logs[-3000:]
-        assert "submission.csv" not in files and not any(".tmp" in f for f in files), files
 
 
 def tiny_export(path, size=32):
