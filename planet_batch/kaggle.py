@@ -79,22 +79,46 @@ def _check_member(name: str, archive: Path) -> None:
         raise ArchiveError(f"{archive.name}: refusing member {name!r}, it would be written outside the target")
 
 
-def extract_zip(archive: Path, dest: Path) -> None:
+def disk_budget(dest: Path, reserve: int = 1 << 30) -> int:
+    """Bytes an extraction may write into `dest`: its free space less a reserve, so a bomb cannot fill the disk."""
+    return max(0, shutil.disk_usage(dest).free - reserve)
+
+
+class _Budget:
+    """Counts the bytes an archive declares for its members (what tarfile and zipfile then write, at most)."""
+
+    def __init__(self, archive: Path, limit: int):
+        self.archive, self.limit, self.used = archive, limit, 0
+
+    def take(self, n: int, name: str) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise ArchiveError(f"{self.archive.name}: refusing to extract more than {self.limit:,} bytes (free disk "
+                               f"less 1 GiB, or the limit given); reached at {name!r}")
+
+
+def extract_zip(archive: Path, dest: Path, limit: int | None = None) -> None:
+    budget = _Budget(archive, disk_budget(dest) if limit is None else limit)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             _check_member(info.filename, archive)
             if stat.S_ISLNK(info.external_attr >> 16):
                 raise ArchiveError(f"{archive.name}: refusing link member {info.filename!r}")
+            budget.take(info.file_size, info.filename)  # zipfile never writes past a member's declared size
         zf.extractall(dest)
 
 
-def extract_tar(archive: Path, dest: Path) -> None:
+def extract_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
     """Stream a tar (mode r|, one pass, no index in memory) through tarfile's `data` filter.
 
-    The filter refuses absolute paths, `..`, links that point outside `dest` and device files.
+    The filter refuses absolute paths, `..`, links that point outside `dest` and device files;
+    members are counted against the disk budget before each is written.
     """
+    budget = _Budget(archive, disk_budget(dest) if limit is None else limit)
+
     def refuse_then_data_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
         _check_member(member.name, archive)  # the data filter would strip a leading '/', not refuse it
+        budget.take(member.size, member.name)
         return tarfile.data_filter(member, path)
 
     try:
@@ -104,10 +128,15 @@ def extract_tar(archive: Path, dest: Path) -> None:
         raise ArchiveError(f"{archive.name}: refusing member: {e}") from None
 
 
-def extract_7z_tar(archive: Path, dest: Path) -> None:
-    """A .tar.7z: py7zr unpacks the inner tar next to `dest`, which is then streamed and removed."""
+def extract_7z_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
+    """A .tar.7z: py7zr unpacks the inner tar next to `dest`, which is then streamed and removed.
+
+    The inner tar and its contents are on disk together, so both count against one budget.
+    """
     import py7zr
 
+    limit = disk_budget(dest) if limit is None else limit
+    budget = _Budget(archive, limit)
     tmp = dest / f".{archive.name}.unpack"
     try:
         with py7zr.SevenZipFile(archive, mode="r") as z:
@@ -115,11 +144,12 @@ def extract_7z_tar(archive: Path, dest: Path) -> None:
                 _check_member(entry.filename, archive)
                 if entry.is_symlink:
                     raise ArchiveError(f"{archive.name}: refusing link member {entry.filename!r}")
+                budget.take(entry.uncompressed, entry.filename)
             z.extractall(path=tmp)
         for inner in sorted(tmp.rglob("*")):
             if inner.is_file():
                 if inner.name.endswith(".tar"):
-                    extract_tar(inner, dest)
+                    extract_tar(inner, dest, limit - budget.used)
                 else:
                     target = dest / inner.relative_to(tmp)
                     target.parent.mkdir(parents=True, exist_ok=True)
@@ -128,14 +158,15 @@ def extract_7z_tar(archive: Path, dest: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def extract(archive: Path, dest: Path) -> None:
+def extract(archive: Path, dest: Path, limit: int | None = None) -> None:
+    """Extract safely; `limit` bytes at most (default: the free disk space less 1 GiB)."""
     name = archive.name
     if name.endswith(".zip"):
-        extract_zip(archive, dest)
+        extract_zip(archive, dest, limit)
     elif name.endswith(".tar.7z") or name.endswith(".7z"):
-        extract_7z_tar(archive, dest)
+        extract_7z_tar(archive, dest, limit)
     elif name.endswith(".tar") or name.endswith(".tar.gz"):
-        extract_tar(archive, dest)
+        extract_tar(archive, dest, limit)
     else:
         raise ArchiveError(f"{name}: unknown archive type")
 

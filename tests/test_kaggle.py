@@ -12,7 +12,7 @@ import pytest
 
 from planet_batch import kaggle
 from planet_batch.cli import main
-from planet_batch.kaggle import COMPETITION, COMPETITION_FILES, ArchiveError, KaggleError, extract
+from planet_batch.kaggle import COMPETITION, COMPETITION_FILES, ArchiveError, KaggleError, disk_budget, extract
 from planet_batch.layout import find_layout, read_sample_submission
 from planet_batch.layout import test_images as ordered_test_images
 
@@ -194,3 +194,47 @@ def test_kaggle_error_for_unknown_archive(tmp_path):
     with pytest.raises(ArchiveError, match="unknown archive"):
         extract(tmp_path / "x.rar", tmp_path)
     assert issubclass(KaggleError, RuntimeError)
+
+
+def _bomb(tmp_path, kind):
+    """64 MiB of zeros that compress to a few KB (a real bomb is the same, with more zeros)."""
+    zeros, n = io.BytesIO(bytes(64 << 20)), 64 << 20
+    if kind == "zip":
+        p = tmp_path / "bomb.zip"
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("train-jpg/small.jpg", b"x" * 100)
+            zf.writestr("train-jpg/zeros.jpg", zeros.getvalue())
+        return p
+    if kind == "tar.gz":
+        p = tmp_path / "bomb.tar.gz"
+        with tarfile.open(p, "w:gz") as tf:
+            _file(tf, "train-jpg/small.jpg", b"x" * 100)
+            info = tarfile.TarInfo("train-jpg/zeros.jpg")
+            info.size = n
+            tf.addfile(info, zeros)
+        return p
+    p = tmp_path / "bomb.tar.7z"
+    inner = tmp_path / "bomb.tar"
+    with tarfile.open(inner, "w") as tf:
+        info = tarfile.TarInfo("train-jpg/zeros.jpg")
+        info.size = n
+        tf.addfile(info, zeros)
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.write(inner, "bomb.tar")
+    return p
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "tar.7z"])
+def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
+    archive = _bomb(tmp_path, kind)
+    assert archive.stat().st_size < 1 << 20
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match="more than 1,000,000 bytes"):
+        extract(archive, dest, limit=1_000_000)
+    written = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    assert written <= 1_000_000, written
+    # Within the budget the same archive extracts, and the default budget is the free disk less 1 GiB.
+    extract(archive, dest, limit=200 << 20)
+    assert (dest / "train-jpg" / "zeros.jpg").stat().st_size == 64 << 20
+    assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))
