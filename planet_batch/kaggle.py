@@ -97,8 +97,8 @@ class _Budget:
                                f"less 1 GiB, or the limit given); reached at {name!r}")
 
 
-def extract_zip(archive: Path, dest: Path, limit: int | None = None) -> None:
-    budget = _Budget(archive, disk_budget(dest) if limit is None else limit)
+def extract_zip(archive: Path, dest: Path, limit: int) -> None:
+    budget = _Budget(archive, limit)
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             _check_member(info.filename, archive)
@@ -108,13 +108,13 @@ def extract_zip(archive: Path, dest: Path, limit: int | None = None) -> None:
         zf.extractall(dest)
 
 
-def extract_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
+def extract_tar(archive: Path, dest: Path, limit: int) -> None:
     """Stream a tar (mode r|, one pass, no index in memory) through tarfile's `data` filter.
 
     The filter refuses absolute paths, `..`, links that point outside `dest` and device files;
     members are counted against the disk budget before each is written.
     """
-    budget = _Budget(archive, disk_budget(dest) if limit is None else limit)
+    budget = _Budget(archive, limit)
 
     def refuse_then_data_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
         _check_member(member.name, archive)  # the data filter would strip a leading '/', not refuse it
@@ -128,14 +128,13 @@ def extract_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
         raise ArchiveError(f"{archive.name}: refusing member: {e}") from None
 
 
-def extract_7z_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
+def extract_7z_tar(archive: Path, dest: Path, limit: int) -> None:
     """A .tar.7z: py7zr unpacks the inner tar next to `dest`, which is then streamed and removed.
 
     The inner tar and its contents are on disk together, so both count against one budget.
     """
     import py7zr
 
-    limit = disk_budget(dest) if limit is None else limit
     budget = _Budget(archive, limit)
     tmp = dest / f".{archive.name}.unpack"
     try:
@@ -160,6 +159,7 @@ def extract_7z_tar(archive: Path, dest: Path, limit: int | None = None) -> None:
 
 def extract(archive: Path, dest: Path, limit: int | None = None) -> None:
     """Extract safely; `limit` bytes at most (default: the free disk space less 1 GiB)."""
+    limit = disk_budget(dest) if limit is None else limit
     name = archive.name
     if name.endswith(".zip"):
         extract_zip(archive, dest, limit)

@@ -209,10 +209,7 @@ def test_requests_without_the_token_are_refused(cluster):
 
 
 def test_score_job_on_the_cluster(cluster, demo_root, tmp_path):
-    torch.manual_seed(0)
-    export = save_export(tmp_path / "export", build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18",
-                         tags=TAGS, size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.2,
-                         thresholds=np.full(len(TAGS), 0.2), dropout=0.5, config={}, metrics={})
+    export = tiny_export(tmp_path / "export")
     out = tmp_path / "submission.csv"
     logs = run_job(cluster, f"python jobs/score.py --model {export} --data {demo_root} --out {out} --batch-size 8")
     assert f"submission: {out}" in logs

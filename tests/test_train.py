@@ -186,7 +186,6 @@ def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_l
     for p in points:
         fault_file(ray_local, p).touch()
     hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
-    print("calm", calm, "hit", hit)
     assert all(fault_file(ray_local, p, "fired").exists() for p in points)
     state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
     # Each restart resumed from a checkpoint, never from scratch: from the epoch before the fault, or the one
