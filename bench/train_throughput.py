@@ -2,13 +2,15 @@
 
 Same generated images, model, batch size, augmentation and torch threads; both read and
 decode from disk every epoch. Each side runs 2 epochs and the second (warm) one is timed.
-The last line printed is JSON with both figures and their ratio.
+With --repeats R the two sides alternate R times (this machine is shared and noisy) and the
+medians are compared. The last line printed is JSON with every figure and the ratio.
 
-    python bench/train_throughput.py [--n-images 512 --size 128 --arch resnet18 --threads 2]
+    python bench/train_throughput.py [--n-images 512 --size 128 --arch resnet18 --threads 2 --repeats 3]
 """
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -82,19 +84,27 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--cpus", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times; report medians")
     args = p.parse_args()
     setup_logging()
+    plain, ray_rates = [], []
     with tempfile.TemporaryDirectory() as tmp:
         root = write_demo_data(Path(tmp) / "data", n_train=args.n_images, n_test=1, n_additional=1, seed=0)
         train, _ = train_valid_split(root, 0.05, 42)
-        plain = plain_loop_epoch_rate(train.paths, train.targets, args)
-        print(f"plain loop: {plain:.1f} img/s", flush=True)
-        ray_rate = ray_train_epoch_rate(root, Path(tmp) / "run", args)
-        print(f"ray train ({args.workers} worker(s)): {ray_rate:.1f} img/s", flush=True)
+        for r in range(args.repeats):
+            plain.append(plain_loop_epoch_rate(train.paths, train.targets, args))
+            print(f"[{r + 1}/{args.repeats}] plain loop: {plain[-1]:.1f} img/s", flush=True)
+            ray_rates.append(ray_train_epoch_rate(root, Path(tmp) / f"run{r}", args))
+            print(f"[{r + 1}/{args.repeats}] ray train ({args.workers} worker(s)): {ray_rates[-1]:.1f} img/s",
+                  flush=True)
+    plain_med, ray_med = statistics.median(plain), statistics.median(ray_rates)
     print(json.dumps({
         "bench": "train_throughput", "arch": args.arch, "size": args.size, "batch_size": args.batch_size,
-        "threads": args.threads, "workers": args.workers, "n_images": len(train),
-        "plain_img_s": round(plain, 2), "ray_train_img_s": round(ray_rate, 2), "ratio": round(ray_rate / plain, 3),
+        "threads": args.threads, "workers": args.workers, "n_images": len(train), "repeats": args.repeats,
+        "plain_img_s": round(plain_med, 2), "ray_train_img_s": round(ray_med, 2),
+        "ratio": round(ray_med / plain_med, 3),
+        "per_repeat": [{"plain_img_s": round(a, 2), "ray_train_img_s": round(b, 2), "ratio": round(b / a, 3)}
+                       for a, b in zip(plain, ray_rates)],
     }))
 
 

@@ -172,8 +172,10 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
              len(order), ", ".join(map(str, folders)), export.arch, export.size, actors, threads,
              ", TTA x8" if cfg.tta else "")
     ds = ray.data.read_binary_files([str(f) for f in folders], include_paths=True, file_extensions=["jpg"])
+    # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
+    # so raw bytes never pass through the object store and no extra worker process starts.
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": export.size, "keep_bad": True},
-                        batch_size=cfg.batch_size, batch_format="numpy")
+                        batch_size=None, batch_format="numpy")
     ds = ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"export": export, "state": state, "threads": threads, "tta": cfg.tta},
