@@ -2,6 +2,7 @@
 
     python bench/score_throughput.py --n-images 2000 [--arch resnet34 --size 128]
     python bench/score_throughput.py --memory 2000 20000   # driver peak RSS at two sizes
+    python bench/score_throughput.py --n-images 61191 --size 256 --gpus-per-actor 1   # on a GPU node
 
 (a) the model's forward rate on in-memory tensors (the limit on CPU); (b) a plain
 single-process loop that reads, decodes, predicts and writes the CSV; (c) the Ray Data
@@ -57,36 +58,45 @@ def make_export(folder: Path, arch: str, size: int) -> Path:
                        config={}, metrics={})
 
 
-def forward_rate(export_dir: Path, batch: int, threads: int, seconds: float = 15.0) -> float:
+def inference(device: torch.device):
+    """What the scoring actors run under: inference mode, and bf16 autocast on a GPU."""
+    return torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
+
+
+def forward_rate(export_dir: Path, batch: int, threads: int, device: torch.device, seconds: float = 15.0) -> float:
     torch.set_num_threads(threads)
     exp = load_export(export_dir)
-    model = exp.build()
-    x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8))
-    with torch.inference_mode():
-        model(x)
+    model = exp.build(device)
+    x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8),
+                       device)
+    mode, autocast = inference(device)
+    with mode, autocast:
+        model(x).float().cpu()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            model(x)
+            model(x).float().cpu()  # .cpu() waits for the GPU, as the actors' results do
             n += batch
     return n / (time.perf_counter() - t0)
 
 
-def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: int, out: Path) -> float:
+def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: int, device: torch.device,
+                    out: Path) -> float:
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
     exp = load_export(export_dir)
-    model = exp.build()
+    model = exp.build(device)
     probs = []
-    with torch.inference_mode():
+    mode, autocast = inference(device)
+    with mode, autocast:
         for i in range(0, len(paths), batch):
             images = np.stack([decode_image(p.read_bytes(), exp.size, p.stem) for p in paths[i:i + batch]])
-            probs.append(torch.sigmoid(model(to_model_input(images))).numpy())
+            probs.append(torch.sigmoid(model(to_model_input(images, device)).float()).cpu().numpy())
     write_submission(out, [p.stem for p in paths], decode(np.concatenate(probs), 0.2))
     return len(paths) / (time.perf_counter() - t0)
 
 
-def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpus_per_actor: float
-              ) -> tuple[float, float]:
+def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpus_per_actor: float,
+              gpus_per_actor: float) -> tuple[float, float]:
     """End to end and steady-state images/s of the pipeline, from the rows' arrival times."""
     import ray.data
 
@@ -104,7 +114,8 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
     try:
         t0 = time.perf_counter()
         score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
-                                      cpus_per_actor=cpus_per_actor, overwrite=True))
+                                      cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor,
+                                      overwrite=True))
         wall = time.perf_counter() - t0
     finally:
         ray.data.Dataset.iter_batches = original
@@ -140,6 +151,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--cpus-per-actor", type=float, nargs="+", default=[ScoreConfig.cpus_per_actor],
                    help="one Ray Data run per value, side by side (the first is reported as the main figure)")
+    p.add_argument("--gpus-per-actor", type=float, default=0.0,
+                   help="GPU actors for (c); (a) and (b) then run on the GPU too")
     p.add_argument("--memory", type=int, nargs=2, metavar=("SMALL", "LARGE"),
                    help="instead: driver peak RSS scoring SMALL and LARGE images (resnet18@64)")
     args = p.parse_args()
@@ -151,18 +164,22 @@ def main():
         return
     import ray
 
+    device = torch.device("cuda" if args.gpus_per_actor else "cpu")
+    if args.gpus_per_actor and not torch.cuda.is_available():
+        raise SystemExit("--gpus-per-actor: this machine has no usable GPU")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         paths = make_images(tmp / "images", args.n_images)
         export = make_export(tmp / "export", args.arch, args.size)
-        fwd = forward_rate(export, args.batch_size, args.threads)
+        fwd = forward_rate(export, args.batch_size, args.threads, device)
         print(f"(a) pure forward: {fwd:.1f} img/s", flush=True)
-        plain = plain_loop_rate(export, paths, args.batch_size, args.threads, tmp / "plain.csv")
+        plain = plain_loop_rate(export, paths, args.batch_size, args.threads, device, tmp / "plain.csv")
         print(f"(b) plain loop: {plain:.1f} img/s", flush=True)
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
         variants = []  # a list: the same value may be given twice, to see the run-to-run noise
         for cpus in args.cpus_per_actor:
-            rates = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv", cpus)
+            rates = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv", cpus,
+                              args.gpus_per_actor)
             print(f"(c) ray data, {cpus:g} CPU per actor: {rates[0]:.1f} img/s end to end, {rates[1]:.1f} img/s "
                   "steady state", flush=True)
             variants.append((cpus, *rates))
@@ -170,7 +187,7 @@ def main():
         same = (tmp / "plain.csv").read_text() == (tmp / "ray.csv").read_text()
     print(json.dumps({
         "bench": "score_throughput", "arch": args.arch, "size": args.size, "n_images": args.n_images,
-        "batch_size": args.batch_size, "threads": args.threads, "forward_img_s": round(fwd, 1),
+        "batch_size": args.batch_size, "threads": args.threads, "device": device.type, "forward_img_s": round(fwd, 1),
         "plain_loop_img_s": round(plain, 1), "ray_end_to_end_img_s": round(e2e, 1),
         "ray_steady_img_s": round(steady, 1), "steady_vs_forward": round(steady / fwd, 3),
         "end_to_end_vs_plain": round(e2e / plain, 3), "same_submission_as_plain_loop": same,

@@ -1,4 +1,4 @@
-"""Batch scoring with Ray Data: files -> decode tasks -> predictor actors -> submission.csv.
+"""Batch scoring with Ray Data: files -> read+decode tasks -> predictor actors -> submission.csv.
 
 Images stream through the cluster; the driver only gathers each image's name and 17
 probabilities (about 70 bytes a row), puts the rows into the sample submission's order,
