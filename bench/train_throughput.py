@@ -24,7 +24,7 @@ from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, make_optimizer, one_cycle, set_frozen
+from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
 from planet_batch.runtime import setup_logging
 from planet_batch.train import run_training
 from planet_batch.transforms import augment_batch, decode_image, to_model_input
@@ -34,7 +34,7 @@ def plain_loop_epoch_rate(paths, targets, args) -> float:
     torch.set_num_threads(args.threads)
     model = build_model(args.arch, len(TAGS))
     set_frozen(model, False)
-    opt = make_optimizer(model, 0.01, 1e-2)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), weight_decay=1e-2)
     steps = len(paths) // args.batch_size
     sched = one_cycle(opt, 2 * steps)
     loss_fn = nn.BCEWithLogitsLoss()

@@ -14,7 +14,7 @@ from torch import nn
 from planet_batch.config import TrainConfig
 from planet_batch.data import labelled_dataset, train_valid_split
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, make_optimizer, set_frozen
+from planet_batch.model import build_model, param_groups, set_frozen
 from planet_batch.transforms import to_model_input
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def lr_sweep(model: nn.Module, batches, start_lr=1e-7, end_lr=10.0, num_it=100, 
     Every layer group gets the same LR, as in fastai's sweep; frozen groups simply do not move.
     """
     saved = copy.deepcopy(model.state_dict())
-    optimizer = make_optimizer(model, start_lr, weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, start_lr), weight_decay=weight_decay)
     loss_fn = nn.BCEWithLogitsLoss()
     lrs, losses = [], []
     avg, best, stopped = 0.0, float("inf"), False

@@ -111,21 +111,6 @@ def param_groups(model: nn.Sequential, lr: float | tuple[float, float]) -> list[
     return [{"params": list(g.parameters()), "lr": v} for g, v in zip(groups, group_lrs(lr, len(groups)))]
 
 
-def make_optimizer(model: nn.Sequential, lr: float | tuple[float, float], weight_decay: float) -> torch.optim.AdamW:
-    """fastai's optimiser for `fit_one_cycle`: Adam with decoupled weight decay, as fastai sets it up.
-
-    No weight decay on BatchNorm and biases (fastai's wd_bn_bias=False), beta2 0.99 and eps 1e-5
-    (fastai's; PyTorch's 0.999 and 1e-8 adapt too slowly for a few hundred from-scratch steps).
-    Each layer group becomes two parameter groups with the same learning rate.
-    """
-    groups = []
-    for g in param_groups(model, lr):
-        decay = [p for p in g["params"] if p.ndim > 1]
-        no_decay = [p for p in g["params"] if p.ndim <= 1]
-        groups += [{"params": decay, "lr": g["lr"]}, {"params": no_decay, "lr": g["lr"], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, weight_decay=weight_decay, betas=(0.9, 0.99), eps=1e-5)
-
-
 def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
     """fastai's fit_one_cycle: warm-up 30%, div 25, final div 1e5 of the peak, beta1 0.95 -> 0.85 -> 0.95."""
     return torch.optim.lr_scheduler.OneCycleLR(

@@ -28,7 +28,7 @@ from planet_batch.errors import PlanetBatchError
 from planet_batch.export import save_export, write_atomic
 from planet_batch.labels import TAGS
 from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
-from planet_batch.model import build_model, make_optimizer, one_cycle, set_frozen
+from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
 from planet_batch.runtime import check_capacity, ensure_ray, maybe_inject_fault, setup_logging, torch_threads
 from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 
@@ -108,7 +108,7 @@ def train_stage_loop(config: dict) -> None:
     set_frozen(model, stage.frozen)
     raw = model
     model = ray.train.torch.prepare_model(model)
-    optimizer = make_optimizer(raw, stage.lr, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(raw, stage.lr), weight_decay=cfg.weight_decay)
     steps = config["steps_per_epoch"]
     scheduler = one_cycle(optimizer, steps * stage.epochs)
     history: dict = {"epochs": [], "batch_losses": [], "resumed_after": []}

@@ -8,7 +8,6 @@ from planet_batch.model import (
     build_model,
     group_lrs,
     layer_groups,
-    make_optimizer,
     one_cycle,
     param_groups,
     set_frozen,
@@ -62,23 +61,6 @@ def test_one_cycle_per_group_with_beta_cycling():
         sched.step()
     assert opt.param_groups[2]["lr"] == pytest.approx(1e-3, rel=1e-3)  # peak after 30% warm-up
     assert opt.param_groups[2]["betas"][0] == pytest.approx(0.85, abs=1e-3)
-
-
-def test_optimizer_is_fastais():
-    model = build_model("resnet18", 17)
-    opt = make_optimizer(model, (1e-5, 1e-3), weight_decay=1e-2)
-    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-5, 1e-5, 1e-4, 1e-4, 1e-3, 1e-3])
-    ids = [id(p) for g in opt.param_groups for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.parameters())
-    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
-    for m in model.modules():  # wd_bn_bias=False: BatchNorm and biases are not decayed, weights are
-        for name, p in m.named_parameters(recurse=False):
-            decayed = not isinstance(m, nn.modules.batchnorm._BatchNorm) and name != "bias"
-            assert (id(p) not in no_decay) == decayed, (type(m).__name__, name)
-    assert {g["weight_decay"] for g in opt.param_groups} == {0.0, 1e-2}
-    assert all(g["betas"] == (0.9, 0.99) and g["eps"] == 1e-5 for g in opt.param_groups)
-    one_cycle(opt, 10)  # a schedule per parameter group, beta1 cycling
-    assert opt.param_groups[4]["betas"] == (0.95, 0.99)
 
 
 def test_weights_from_a_file_and_from_the_torch_cache(tmp_path, monkeypatch):
