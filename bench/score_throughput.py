@@ -31,6 +31,7 @@ from planet_batch.export import load_export, save_export
 from planet_batch.labels import TAGS, decode
 from planet_batch.model import build_model
 from planet_batch.runtime import setup_logging
+from planet_batch.score import inference
 from planet_batch.submission import write_submission
 from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_model_input
 
@@ -58,19 +59,13 @@ def make_export(folder: Path, arch: str, size: int) -> Path:
                        config={}, metrics={})
 
 
-def inference(device: torch.device):
-    """What the scoring actors run under: inference mode, and bf16 autocast on a GPU."""
-    return torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda")
-
-
 def forward_rate(export_dir: Path, batch: int, threads: int, device: torch.device, seconds: float = 15.0) -> float:
     torch.set_num_threads(threads)
     exp = load_export(export_dir)
     model = exp.build(device)
     x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8),
                        device)
-    mode, autocast = inference(device)
-    with mode, autocast:
+    with inference(device):
         model(x).float().cpu()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -86,8 +81,7 @@ def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: in
     exp = load_export(export_dir)
     model = exp.build(device)
     probs = []
-    mode, autocast = inference(device)
-    with mode, autocast:
+    with inference(device):
         for i in range(0, len(paths), batch):
             images = np.stack([decode_image(p.read_bytes(), exp.size, p.stem) for p in paths[i:i + batch]])
             probs.append(torch.sigmoid(model(to_model_input(images, device)).float()).cpu().numpy())

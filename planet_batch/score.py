@@ -7,6 +7,7 @@ and writes every output through a temp file and a rename.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -49,6 +50,15 @@ class ScoreSummary:
     probs: str | None
 
 
+@contextlib.contextmanager
+def inference(device) -> Iterator[None]:
+    """How scoring runs the model: no autograd, and bf16 autocast on a GPU (the plain-loop bench too)."""
+    import torch
+
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        yield
+
+
 class Predictor:
     """A Ray Data actor: the model is built once per actor, then scores batch after batch."""
 
@@ -71,8 +81,7 @@ class Predictor:
         if ok.any():
             x = to_model_input(batch["image"][ok], self.device, self.export.mean, self.export.std)
             views = [(k, flip) for k in range(4) for flip in (False, True)] if self.tta else [(0, False)]
-            with torch.inference_mode(), torch.autocast(self.device.type, torch.bfloat16,
-                                                        enabled=self.device.type == "cuda"):
+            with inference(self.device):
                 total = 0
                 for k, flip in views:
                     v = torch.rot90(x, k, dims=(2, 3)) if k else x

@@ -133,6 +133,7 @@ def train_stage_loop(config: dict) -> None:
     if rank == 0:
         log.info("stage %s: %s, size %d, lr %s\n%s", stage.name, "frozen" if stage.frozen else "unfrozen",
                  stage.size, stage.lr, TABLE_HEADER)
+
     def start_epoch():
         return started(train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=2,
