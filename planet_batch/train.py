@@ -236,6 +236,21 @@ def initial_state(cfg: TrainConfig) -> dict:
     return build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout).state_dict()
 
 
+def stage_datasets(train: Split, valid: Split, size: int, world: int) -> dict:
+    """`train` (augmented, split across workers by Ray Train) and `valid_R`, worker R's slice of `valid`.
+
+    Validation is not augmented, so it is decoded once per stage and kept in the object store
+    (20% of the chips at 128 px is ~0.4 GB) instead of restarting a decoding pipeline every
+    epoch, which left the workers idle for its start-up and took the CPU that the next
+    epoch's training data needed.
+    """
+    datasets = {"train": labelled_dataset(train, size, augment=True)}
+    for r in range(world):  # together the slices cover every validation image once
+        part = Split(valid.names[r::world], valid.paths[r::world], valid.targets[r::world])
+        datasets[f"valid_{r}"] = labelled_dataset(part, size, augment=False).materialize()
+    return datasets
+
+
 def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Split, storage: str,
               run_id: str) -> dict:
     """Run one stage on Ray Train and return the state in its final checkpoint."""
@@ -245,10 +260,7 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
 
     stage = cfg.stages[index]
     world = max(1, cfg.workers)
-    datasets = {"train": labelled_dataset(train, stage.size, augment=True)}
-    for r in range(world):  # each worker scores its own slice; together they cover every image once
-        part = Split(valid.names[r::world], valid.paths[r::world], valid.targets[r::world])
-        datasets[f"valid_{r}"] = labelled_dataset(part, stage.size, augment=False)
+    datasets = stage_datasets(train, valid, stage.size, world)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
     trainer = TorchTrainer(
         train_stage_loop,

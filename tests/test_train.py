@@ -9,11 +9,12 @@ import pytest
 import torch
 
 from planet_batch.config import ConfigError, TrainConfig, load_config
+from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.runtime import CapacityError, fault_file
 from planet_batch.submission import check_submission
-from planet_batch.train import TrainError, run_training
+from planet_batch.train import TrainError, run_training, stage_datasets
 
 pytestmark = pytest.mark.ray
 
@@ -73,6 +74,20 @@ def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
     assert model.metrics["fbeta"] == pytest.approx(float(rows[-1]["fbeta"]))
     net = model.build()
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
+
+
+def test_validation_is_decoded_once_per_stage_and_sliced_across_workers(ray_local, demo_root):
+    from ray.data.dataset import MaterializedDataset
+
+    train, valid = train_valid_split(demo_root, 0.2, 42)
+    datasets = stage_datasets(train, valid, 32, world=3)
+    assert sorted(datasets) == ["train", "valid_0", "valid_1", "valid_2"]
+    assert not isinstance(datasets["train"], MaterializedDataset)  # fresh augmentations every epoch
+    slices = [datasets[f"valid_{r}"] for r in range(3)]
+    assert all(isinstance(d, MaterializedDataset) for d in slices)
+    rows = [row for d in slices for row in d.iter_rows()]
+    assert len(rows) == len(valid) and rows[0]["image"].shape == (32, 32, 3)
+    assert sorted(r["target"].tobytes() for r in rows) == sorted(t.tobytes() for t in valid.targets)
 
 
 def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, demo_root, tmp_path):
