@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from planet_batch.errors import PlanetBatchError
 from planet_batch.runtime import setup_logging
@@ -33,7 +32,8 @@ def train_config(args):
     from planet_batch.config import TrainConfig, load_config
 
     flags = {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "storage": args.storage}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + (["gpu=true"] if args.gpu else [])
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    overrides += [f"{k}=true" for k in ("gpu", "data_shared") if getattr(args, k)]
     return load_config(TrainConfig, args.config, [*args.set, *overrides])
 
 
@@ -54,6 +54,7 @@ def cmd_lr_find(args) -> None:
 def cmd_score(args) -> None:
     from planet_batch.config import ScoreConfig, load_config
     from planet_batch.score import run_scoring
+    from planet_batch.storage import locate
 
     flags = {
         "model": args.model, "data": args.data, "images": args.images, "out": args.out, "threshold": args.threshold,
@@ -61,9 +62,9 @@ def cmd_score(args) -> None:
         "gpus_per_actor": args.gpus_per_actor, "probs_out": args.probs_out, "stall_timeout_s": args.stall_timeout,
     }
     overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"{k}=true" for k in ("tta", "strict", "overwrite") if getattr(args, k)]
+    overrides += [f"{k}=true" for k in ("tta", "strict", "overwrite", "data_shared") if getattr(args, k)]
     summary = run_scoring(load_config(ScoreConfig, args.config, [*args.set, *overrides]))
-    print(f"submission: {summary.output}\nsummary: {Path(summary.output).with_name('score_summary.json')}")
+    print(f"submission: {summary.output}\nsummary: {locate(summary.output).with_name('score_summary.json')}")
     if summary.bad_images:
         print(f"unreadable images: {summary.unreadable}, listed in {summary.bad_images}")
     if summary.probs:
@@ -96,7 +97,10 @@ def cmd_submit(args) -> None:
 
 def add_train_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/lesson3.yaml")
-    s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout)")
+    s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout): a path or a URI "
+                   "(s3://bucket/prefix, gs://, hdfs://, file://)")
+    s.add_argument("--data-shared", action="store_true",
+                   help="the local --data path is mounted on every node (NFS): read it everywhere")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stages.0.epochs=2 (repeatable)")
     s.add_argument("--workers", type=int, help="Ray Train workers; 0 runs everything in the driver")
@@ -119,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_demo_data)
 
     s = sub.add_parser("show-batch", help="grid of augmented training images with their tags")
-    s.add_argument("--data", required=True)
+    s.add_argument("--data", required=True, help="data root: a path or a URI")
     s.add_argument("--out", required=True)
     s.add_argument("--rows", type=int, default=3)
     s.add_argument("--size", type=int, default=256)
@@ -138,10 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lr_find)
 
     s = sub.add_parser("score", help="score test images with Ray Data into a Kaggle submission")
-    s.add_argument("--model", help="export folder, e.g. RUN_DIR/export")
-    s.add_argument("--data", help="Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order")
-    s.add_argument("--images", help="score any folder of .jpg files instead")
-    s.add_argument("--out", help="submission CSV (default submission.csv)")
+    s.add_argument("--model", help="export folder, e.g. RUN_DIR/export (a path or a URI)")
+    s.add_argument("--data", help="Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order "
+                   "(a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)")
+    s.add_argument("--images", help="score any folder of .jpg files instead (a path or a URI)")
+    s.add_argument("--data-shared", action="store_true",
+                   help="the local --data/--images path is mounted on every node (NFS): read it everywhere")
+    s.add_argument("--out", help="submission CSV (default submission.csv), a path or a URI; side files go next to it")
     s.add_argument("--threshold", help="a number (default 0.2) or 'tuned' for the export's per-class thresholds")
     s.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
     s.add_argument("--batch-size", type=int)

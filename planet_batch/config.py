@@ -73,6 +73,8 @@ class TrainConfig:
     # The cluster adds nodes on demand (cluster.yaml's GPU workers start at 0): skip the up-front
     # capacity check and let Ray Train wait for the autoscaler instead of failing.
     autoscale: bool = False
+    # A local data root that every node mounts (NFS): read it on every node, not only the driver's.
+    data_shared: bool = False
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -256,6 +258,7 @@ class ScoreConfig:
     gpus_per_actor: float = 0.0
     torch_threads: int = 0  # 0: the node's cores shared among the actors
     probs_out: str | None = None  # Parquet of every probability
+    data_shared: bool = False  # a local --data / --images path that every node mounts: read it everywhere
     strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
     overwrite: bool = False
     # No scored batch for this long fails the job (0: wait forever). A cluster that lost a node can

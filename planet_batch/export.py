@@ -7,9 +7,8 @@ the resolved training config and the final metrics.
 
 from __future__ import annotations
 
+import io
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from planet_batch.errors import PlanetBatchError
 from planet_batch.model import build_model
+from planet_batch.storage import Location, StorageError, locate, write_atomic
 
 EXPORT_FORMAT = "planet-batch-export"
 EXPORT_VERSION = 1
@@ -39,36 +39,23 @@ class ExportedModel:
     dropout: float
     config: dict
     metrics: dict
-    weights: Path
+    weights: Location
+
+    def load_state(self) -> dict:
+        """The weights as tensors (`weights_only`: an export never unpickles objects), from a path or a URI."""
+        try:
+            return torch.load(io.BytesIO(self.weights.read_bytes()), map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, ValueError) as e:
+            raise ExportError(f"{self.weights}: not a weights file ({str(e).splitlines()[0]})") from None
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
-        return self.build_from_state(torch.load(self.weights, map_location="cpu", weights_only=True), device)
+        return self.build_from_state(self.load_state(), device)
 
     def build_from_state(self, state: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
         """The model in eval mode from weights already loaded (scoring actors get them from the object store)."""
         model = build_model(self.arch, len(self.tags), weights="none", dropout=self.dropout)
         model.load_state_dict(state)
         return model.to(device).eval()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temp file in the same folder, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_export(
@@ -105,16 +92,18 @@ def save_export(
     return out
 
 
-def load_export(path: Path | str) -> ExportedModel:
-    """Read an export folder, failing with a clear message when it is missing or incompatible."""
-    path = Path(path)
-    meta_path, weights = path / "model.json", path / "model.pt"
-    for p in (meta_path, weights):
-        if not p.is_file():
-            raise ExportError(f"{path} is not a model export: {p.name} is missing (train writes RUN_DIR/export/)")
+def load_export(path: Path | str | Location) -> ExportedModel:
+    """Read an export folder (a path or a URI), failing with a clear message when it is missing or incompatible."""
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as e:
+        path = locate(path)
+        meta_path, weights = path / "model.json", path / "model.pt"
+        for p in (meta_path, weights):
+            if not p.is_file():
+                raise ExportError(f"{path} is not a model export: {p.name} is missing (train writes RUN_DIR/export/)")
+        meta = json.loads(meta_path.read_bytes())
+    except StorageError as e:
+        raise ExportError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ExportError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from planet_batch.errors import PlanetBatchError
+from planet_batch.storage import Location, locate
 
 # fastai's MultiCategoryList sorts its classes, so this is the order of the lesson-3 notebook's outputs.
 TAGS: tuple[str, ...] = (
@@ -58,16 +60,16 @@ class Labels:
         return encode(self.tags)
 
 
-def read_labels(path: Path | str, image_dir: Path | str | None = None) -> Labels:
+def read_labels(path: Path | str | Location, image_dir: Path | str | Location | None = None) -> Labels:
     """Parse `image_name,tags` (train_v2.csv or train_classes.csv) and validate it.
 
-    With `image_dir`, every listed image must exist there as NAME.jpg.
+    With `image_dir`, every listed image must exist there as NAME.jpg. Both may be paths or URIs.
     """
-    path = Path(path)
+    path = locate(path)
     try:
         # utf-8-sig: spreadsheet tools prepend a BOM that would otherwise rename the first column.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(enumerate(csv.reader(f, skipinitialspace=True), start=1))
+        text = path.read_bytes().decode("utf-8-sig")
+        rows = list(enumerate(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True), start=1))
     except UnicodeDecodeError as e:
         raise LabelFileError(path, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from e
     except csv.Error as e:
@@ -104,12 +106,12 @@ def read_labels(path: Path | str, image_dir: Path | str | None = None) -> Labels
         raise LabelFileError(path, None, "no rows after the header")
 
     if image_dir is not None:
-        check_images_exist(path, names, Path(image_dir))
+        check_images_exist(path, names, locate(image_dir))
     return Labels(tuple(names), tuple(tags))
 
 
-def check_images_exist(label_path: Path, names: Sequence[str], image_dir: Path) -> None:
-    on_disk = {p.stem for p in image_dir.glob("*.jpg")} if image_dir.is_dir() else set()
+def check_images_exist(label_path: Location, names: Sequence[str], image_dir: Location) -> None:
+    on_disk = {p.stem for p in image_dir.files(".jpg")}
     missing = [n for n in names if n not in on_disk]
     if missing:
         raise LabelFileError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from planet_batch.errors import PlanetBatchError
+from planet_batch.storage import Location, StorageError, existing_dir, locate
 
 # Each layout names its files relative to the data root.
 COMPETITION = {
@@ -36,23 +38,24 @@ class LayoutError(PlanetBatchError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Layout:
-    root: Path
+    root: Location
     kind: str
-    train_csv: Path | None
-    train_dir: Path | None
-    test_dirs: tuple[Path, ...]
-    sample_submission: Path | None
+    train_csv: Location | None
+    train_dir: Location | None
+    test_dirs: tuple[Location, ...]
+    sample_submission: Location | None
 
 
-def find_layout(root: Path | str, need: Iterable[str] = ()) -> Layout:
-    """Find the dataset files under `root` in either known layout.
+def find_layout(root: Path | str | Location, need: Iterable[str] = ()) -> Layout:
+    """Find the dataset files under `root` (a path or a URI) in either known layout.
 
     `need` names what the caller cannot do without ("train", "test"); a missing
     one raises LayoutError listing every place that was looked at.
     """
-    root = Path(root)
-    if not root.is_dir():
-        raise LayoutError(f"data root {root} is not a directory")
+    try:
+        root = existing_dir(root)
+    except StorageError as e:
+        raise LayoutError(str(e)) from None
     found = {}
     for kind, rel in LAYOUTS.items():
         paths = {k: root / v for k, v in rel.items()}
@@ -88,23 +91,32 @@ def submission_order(names: Iterable[str]) -> list[str]:
     return tests + others
 
 
-def read_sample_submission(path: Path | str) -> list[str]:
-    with Path(path).open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
+def read_sample_submission(path: Path | str | Location) -> list[str]:
+    loc = locate(path)
+    try:
+        text = loc.read_bytes().decode("utf-8-sig")
+    except StorageError as e:
+        raise LayoutError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise LayoutError(f"{loc}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        reader = csv.reader(io.StringIO(text, newline=""))
         header = next(reader, None)
         if header is None or header[:1] != ["image_name"]:
-            raise ValueError(f"{path}: expected a header starting with image_name, got {header}")
+            raise LayoutError(f"{loc}: expected a header starting with image_name, got {header}")
         return [row[0] for row in reader if row]
+    except csv.Error as e:
+        raise LayoutError(f"{loc}: not valid CSV ({e})") from None
 
 
-def test_images(layout: Layout) -> tuple[list[str], dict[str, Path]]:
-    """The test images in submission order and the path of each.
+def test_images(layout: Layout) -> tuple[list[str], dict[str, Location]]:
+    """The test images in submission order and the location of each.
 
     The sample submission fixes the order when present; otherwise the files on disk do.
     """
-    paths: dict[str, Path] = {}
+    paths: dict[str, Location] = {}
     for d in layout.test_dirs:
-        for p in d.glob("*.jpg"):
+        for p in d.files(".jpg"):
             if p.stem in paths:
                 raise LayoutError(f"test image {p.stem} is in both {paths[p.stem].parent} and {d}")
             paths[p.stem] = p

@@ -80,14 +80,16 @@ def run_lr_find(cfg: TrainConfig, data_root: Path | str, out: Path | str, num_it
     """`learn.lr_find(); learn.recorder.plot()` for the config's first stage, in this process."""
     from planet_batch.plots import plot_lr_find
     from planet_batch.runtime import ensure_ray
+    from planet_batch.storage import locate, read_placement
 
     stage = cfg.stages[0]
-    train, _ = train_valid_split(data_root, cfg.valid_pct, cfg.seed)
+    data = locate(data_root)
+    train, _ = train_valid_split(data, cfg.valid_pct, cfg.seed)
     ensure_ray()
     model = build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout)
     set_frozen(model, stage.frozen)
     torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
-    ds = labelled_dataset(train, stage.size, augment=True)
+    ds = labelled_dataset(train, stage.size, augment=True, label_selector=read_placement(data, cfg.data_shared))
 
     def batches():
         while True:  # as many epochs as num_it needs

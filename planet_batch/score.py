@@ -16,16 +16,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.errors import PlanetBatchError
-from planet_batch.export import ExportedModel, load_export, write_atomic
+from planet_batch.export import ExportedModel, load_export
 from planet_batch.labels import TAGS, decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
 from planet_batch.runtime import ensure_ray, maybe_inject_fault, setup_logging
+from planet_batch.storage import Location, StorageError, existing_dir, locate, read_placement
 from planet_batch.submission import write_submission
 from planet_batch.transforms import decode_batch, to_model_input
 
@@ -91,7 +91,7 @@ class Predictor:
         return {"name": batch["name"], "probs": probs, "ok": ok, "error": batch["error"]}
 
 
-def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Path]]:
+def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Location]]:
     """The image names in submission order and the folders to read, checked before Ray starts."""
     if cfg.data is not None:
         layout = find_layout(cfg.data, need=("test",))
@@ -105,10 +105,11 @@ def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Path]]:
             raise LayoutError(f"{len(extra)} test images are not in the sample submission "
                               f"{layout.sample_submission}, first: {sorted(extra)[:3]}")
         return order, list(layout.test_dirs)
-    folder = Path(cfg.images)
-    if not folder.is_dir():
-        raise LayoutError(f"--images {folder} is not a directory")
-    names = [p.stem for p in folder.glob("*.jpg")]
+    try:
+        folder = existing_dir(cfg.images, "--images")
+    except StorageError as e:
+        raise LayoutError(str(e)) from None
+    names = [p.stem for p in folder.files(".jpg")]
     if not names:
         raise LayoutError(f"no .jpg images in {folder}")
     return submission_order(names), [folder]
@@ -161,28 +162,28 @@ def default_actors(resources: dict, gpus_per_actor: float) -> int:
 
 def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     import ray
-    import torch
 
     t0 = time.perf_counter()
     export = load_export(cfg.model)
     order, folders = expected_images(cfg)
-    out = Path(cfg.out).resolve()
+    out = locate(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ScoreError(f"{out} exists; pass --overwrite to replace it")
-    if not out.parent.is_dir() or not os.access(out.parent, os.W_OK):
-        raise ScoreError(f"cannot write to {out.parent}")
+    out.parent.check_writable_folder()
     threshold = np.asarray(export.thresholds) if cfg.threshold == "tuned" else float(cfg.threshold)
+    state = export.load_state()
 
     ensure_ray()
-    state = torch.load(export.weights, map_location="cpu", weights_only=True)
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
     log.info("scoring %d images from %s with %s@%d on %d actor(s), %d torch threads each%s",
              len(order), ", ".join(map(str, folders)), export.arch, export.size, actors, threads,
              ", TTA x8" if cfg.tta else "")
-    ds = ray.data.read_binary_files([str(f) for f in folders], include_paths=True, file_extensions=["jpg"])
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
-    # so raw bytes never pass through the object store and no extra worker process starts.
+    # so raw bytes never pass through the object store and no extra worker process starts;
+    # the fused task inherits the read's placement (on the data's node when only it has the files).
+    ds = ray.data.read_binary_files([f.path for f in folders], filesystem=folders[0].fs, include_paths=True,
+                                    file_extensions=["jpg"], label_selector=read_placement(folders[0], cfg.data_shared))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": export.size, "keep_bad": True},
                         batch_size=None, batch_format="numpy")
     ds = ds.map_batches(
@@ -214,7 +215,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
 
     bad_path = out.with_name("bad_images.csv")
     if bad:
-        write_atomic(bad_path, lambda p: p.write_text(
+        bad_path.write_atomic(lambda p: p.write_text(
             "image_name,error\n" + "".join(f"{n},{json.dumps(e)}\n" for n, e in sorted(bad.items()))))
         log.warning("%d unreadable images (empty tag sets), listed in %s", len(bad), bad_path)
     if bad and cfg.strict:
@@ -227,7 +228,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     write_submission(out, order, tags)
     probs_path = None
     if cfg.probs_out:
-        probs_path = Path(cfg.probs_out).resolve()
+        probs_path = locate(cfg.probs_out)
         write_probs(probs_path, order, matrix, export.tags)
     wall = time.perf_counter() - t0
     summary = ScoreSummary(
@@ -235,17 +236,16 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         images_per_s=round(len(order) / wall, 1), threshold=cfg.threshold, tta=cfg.tta,
         bad_images=str(bad_path) if bad else None, probs=str(probs_path) if probs_path else None,
     )
-    write_atomic(out.with_name("score_summary.json"), lambda p: p.write_text(
+    out.with_name("score_summary.json").write_atomic(lambda p: p.write_text(
         json.dumps({**asdict(summary), "config": to_dict(cfg)}, indent=2)))
     log.info("scored %d images (%d unreadable) in %.1f s, %.1f images/s -> %s",
              summary.images, summary.unreadable, wall, summary.images_per_s, out)
     return summary
 
 
-def write_probs(path: Path, names: list[str], probs: np.ndarray, tags=TAGS) -> Path:
+def write_probs(path: Location, names: list[str], probs: np.ndarray, tags=TAGS) -> Location:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"image_name": names, **{t: probs[:, j] for j, t in enumerate(tags)}})
-    write_atomic(path, lambda p: pq.write_table(table, p))
-    return path
+    return path.write_atomic(lambda p: pq.write_table(table, p))

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from planet_batch.export import write_atomic
 from planet_batch.labels import TAG_INDEX
 from planet_batch.layout import read_sample_submission
+from planet_batch.storage import Location, StorageError, locate
 
 HEADER = ["image_name", "tags"]
 
 
-def write_submission(path: Path | str, names: Sequence[str], tags: Sequence[str]) -> Path:
-    """`image_name,tags` rows in the given order, written to a temp file then renamed into place."""
+def write_submission(path: Path | str | Location, names: Sequence[str], tags: Sequence[str]) -> Location:
+    """`image_name,tags` rows in the given order, appearing whole or not at all (a path or a URI)."""
     if len(names) != len(tags):
         raise ValueError(f"{len(names)} names but {len(tags)} tag strings")
 
@@ -25,19 +26,16 @@ def write_submission(path: Path | str, names: Sequence[str], tags: Sequence[str]
             w.writerow(HEADER)
             w.writerows(zip(names, tags))
 
-    path = Path(path)
-    write_atomic(path, write)
-    return path
+    return locate(path).write_atomic(write)
 
 
-def check_submission(path: Path | str, sample: Path | str | None = None) -> list[str]:
+def check_submission(path: Path | str | Location, sample: Path | str | Location | None = None) -> list[str]:
     """Every reason Kaggle would reject or mis-score `path`; empty when it is fine."""
-    path = Path(path)
     problems: list[str] = []
     try:
-        with path.open(newline="", encoding="utf-8") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        path = locate(path)
+        rows = list(csv.reader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
+    except (StorageError, UnicodeDecodeError, csv.Error) as e:
         return [f"cannot read {path}: {e}"]
     if not rows or rows[0] != HEADER:
         problems.append(f"header must be {','.join(HEADER)}, found {','.join(rows[0]) if rows else 'an empty file'}")

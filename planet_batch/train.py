@@ -25,11 +25,12 @@ from torch import nn
 from planet_batch.config import TrainConfig, from_dict, save_config, to_dict
 from planet_batch.data import Split, labelled_dataset, train_valid_split
 from planet_batch.errors import PlanetBatchError
-from planet_batch.export import save_export, write_atomic
+from planet_batch.export import save_export
 from planet_batch.labels import TAGS
 from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
 from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
 from planet_batch.runtime import check_capacity, ensure_ray, maybe_inject_fault, setup_logging, torch_threads
+from planet_batch.storage import locate, read_placement, write_atomic
 from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 
 log = logging.getLogger(__name__)
@@ -236,7 +237,8 @@ def initial_state(cfg: TrainConfig) -> dict:
     return build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout).state_dict()
 
 
-def stage_datasets(train: Split, valid: Split, size: int, world: int) -> dict:
+def stage_datasets(train: Split, valid: Split, size: int, world: int,
+                   label_selector: dict[str, str] | None = None) -> dict:
     """`train` (augmented, split across workers by Ray Train) and `valid_R`, worker R's slice of `valid`.
 
     Validation is not augmented, so it is decoded once per stage and kept in the object store
@@ -244,15 +246,15 @@ def stage_datasets(train: Split, valid: Split, size: int, world: int) -> dict:
     epoch, which left the workers idle for its start-up and took the CPU that the next
     epoch's training data needed.
     """
-    datasets = {"train": labelled_dataset(train, size, augment=True)}
+    datasets = {"train": labelled_dataset(train, size, augment=True, label_selector=label_selector)}
     for r in range(world):  # together the slices cover every validation image once
-        part = Split(valid.names[r::world], valid.paths[r::world], valid.targets[r::world])
-        datasets[f"valid_{r}"] = labelled_dataset(part, size, augment=False).materialize()
+        part = labelled_dataset(valid.part(slice(r, None, world)), size, augment=False, label_selector=label_selector)
+        datasets[f"valid_{r}"] = part.materialize()
     return datasets
 
 
 def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Split, storage: str,
-              run_id: str) -> dict:
+              run_id: str, label_selector: dict[str, str] | None = None) -> dict:
     """Run one stage on Ray Train and return the state in its final checkpoint."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -260,7 +262,7 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
 
     stage = cfg.stages[index]
     world = max(1, cfg.workers)
-    datasets = stage_datasets(train, valid, stage.size, world)
+    datasets = stage_datasets(train, valid, stage.size, world, label_selector)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
     trainer = TorchTrainer(
         train_stage_loop,
@@ -325,7 +327,8 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
     from planet_batch.plots import plot_losses
 
     run_dir = Path(run_dir).resolve()
-    train, valid = train_valid_split(data_root, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
+    data = locate(data_root)
+    train, valid = train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
     check_batches(cfg, len(train))
     for i, st in enumerate(cfg.stages):
         if st.start_from and st.start_from.endswith(".pt") and not Path(st.start_from).is_file():
@@ -335,6 +338,7 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
     quiet_data_progress()
+    reads = read_placement(data, cfg.data_shared)
     save_config(cfg, run_dir / "config.yaml")
     storage = cfg.storage or str(run_dir / "ray")
     run_id = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -349,7 +353,7 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
     for i, stage in enumerate(cfg.stages):
         if i > 0 and stage.start_from is not None:
             model_state = finished.get(stage.start_from) or load_stage_file(stage.start_from)
-        state = fit_stage(cfg, i, model_state, train, valid, storage, run_id)
+        state = fit_stage(cfg, i, model_state, train, valid, storage, run_id, reads)
         model_state = finished[stage.name] = state["model"]
         history = state["history"]
         rows.extend(history["epochs"])

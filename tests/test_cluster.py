@@ -1,164 +1,39 @@
 """Jobs on a real 2-node Ray cluster on 127.0.0.1, submitted through Ray's job API with token auth on.
 
-No mocks of Ray: `ray start --head` and `ray start --address` run as child processes (each node
-with 2 logical CPUs of this 2-core machine), and the fixture stops exactly those by process group.
+The helpers (nodes as child processes, a worker node with its own view of the disk, a local S3
+server) are in tests/clusters.py.
 """
 
-import contextlib
-import json
 import os
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
+from clusters import (
+    client,
+    get_json,
+    http_status,
+    predictors,
+    run_job,
+    stop,
+    submit,
+    two_node_cluster,
+    wait_for,
+)
+from reference import tiny_export
 
-from planet_batch.export import save_export
-from planet_batch.labels import TAGS
-from planet_batch.model import build_model
 from planet_batch.submission import check_submission
-from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[1]
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args, env, log):
-    # Each node's dashboard agent gets its own port: Ray's fixed default (52365) collides between nodes on one
-    # machine, and a node without its agent cannot take jobs ("No available agent to submit job").
-    return subprocess.Popen([RAY, "start", "--block", f"--dashboard-agent-listen-port={free_port()}", *args],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc):
-    """Stop a `ray start --block` and everything it started; a no-op when it is already gone."""
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    except ProcessLookupError:
-        pass
-
-
-@contextlib.contextmanager
-def two_node_cluster(tmp: Path):
-    """A head and a worker node on 127.0.0.1; yields what the tests need, stops both on exit."""
-    # Ray's unix sockets live under the temp dir and their paths must stay under 108 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="pb-ray-", dir="/tmp"))
-    token = secrets.token_hex(32)
-    # As in an activated virtualenv: the jobs' `python` is this test run's interpreter.
-    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "PATH": path}
-    env.pop("RAY_ADDRESS", None)
-    gcs, dash = free_port(), free_port()
-    procs = []
-    try:
-        procs.append(start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
-                           env, (tmp / "head.log").open("w")))
-        url = f"http://127.0.0.1:{dash}"
-        wait_for(lambda: http_status(f"{url}/api/version", token) == 200, 60, "the head's job API")
-        procs.append(start([f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"],
-                           env, (tmp / "worker.log").open("w")))
-        wait_for(lambda: alive_nodes(url, token) == 2, 60, "the second node")
-        yield {"url": url, "token": token, "env": env, "tmp": tmp, "worker": procs[1]}
-    finally:
-        for p in reversed(procs):
-            stop(p)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     with two_node_cluster(tmp_path_factory.mktemp("cluster")) as c:
         yield c
-
-
-def http_status(url, token=None) -> int:
-    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(req, timeout=5) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return 0
-
-
-def get_json(cluster, path):
-    req = urllib.request.Request(cluster["url"] + path, headers={"Authorization": f"Bearer {cluster['token']}"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-        return json.load(r)
-
-
-def alive_nodes(url, token) -> int:
-    try:
-        data = get_json({"url": url, "token": token}, "/nodes?view=summary")["data"]["summary"]
-    except (OSError, KeyError, ValueError):
-        return 0
-    return sum(1 for n in data if n.get("raylet", {}).get("state") == "ALIVE")
-
-
-def wait_for(cond, timeout, what):
-    end = time.time() + timeout
-    while time.time() < end:
-        if cond():
-            return
-        time.sleep(1)
-    raise TimeoutError(f"{what} did not come up in {timeout} s")
-
-
-def client(cluster):
-    from ray.job_submission import JobSubmissionClient
-
-    return JobSubmissionClient(cluster["url"], headers={"Authorization": f"Bearer {cluster['token']}"})
-
-
-def submit(jobs, entrypoint, timeout=90) -> str:
-    """Submit with this checkout as the working dir; a new head's job agent can need a while to come up."""
-    end = time.time() + timeout
-    while True:
-        try:
-            return jobs.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(ROOT)})
-        except RuntimeError as e:
-            if "No available agent" not in str(e) or time.time() > end:
-                raise
-            time.sleep(2)
-
-
-def run_job(cluster, entrypoint, timeout=420):
-    from ray.job_submission import JobStatus
-
-    c = client(cluster)
-    job = submit(c, entrypoint)
-    end = time.time() + timeout
-    while time.time() < end:
-        status = c.get_job_status(job)
-        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
-            break
-        time.sleep(2)
-    logs = c.get_job_logs(job)
-    assert status == JobStatus.SUCCEEDED, f"{entrypoint} ended {status}:\n{logs[-4000:]}"
-    return logs
 
 
 # First in the module: it runs its own cluster, before the shared one is started.
@@ -252,15 +127,3 @@ def test_a_local_ray_keeps_its_dashboard_on_loopback_and_wants_the_token(tmp_pat
         proc.stdin.close()
         proc.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def tiny_export(path, size=32):
-    torch.manual_seed(0)
-    return save_export(path, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=size,
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
-                       dropout=0.5, config={}, metrics={})
-
-
-def predictors(cluster):
-    actors = get_json(cluster, "/api/v0/actors?detail=1&limit=1000")["data"]["result"]["result"]
-    return [a for a in actors if "Predictor" in a.get("class_name", "") and a["state"] == "ALIVE"]

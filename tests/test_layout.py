@@ -17,9 +17,9 @@ def touch(path, data=b""):
 def test_competition_layout(demo_root):
     lay = find_layout(demo_root, need=("train", "test"))
     assert lay.kind == "competition"
-    assert lay.train_csv == demo_root / "train_v2.csv"
-    assert lay.test_dirs == (demo_root / "test-jpg", demo_root / "test-jpg-additional")
-    assert lay.sample_submission == demo_root / "sample_submission_v2.csv"
+    assert str(lay.train_csv) == str(demo_root / "train_v2.csv")
+    assert [str(d) for d in lay.test_dirs] == [str(demo_root / "test-jpg"), str(demo_root / "test-jpg-additional")]
+    assert str(lay.sample_submission) == str(demo_root / "sample_submission_v2.csv")
 
 
 def test_kaggle_dataset_layout(tmp_path):

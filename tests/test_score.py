@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from reference import plain_probs
 
 from planet_batch.config import ScoreConfig
 from planet_batch.export import ExportError, load_export, save_export
@@ -23,7 +24,7 @@ from planet_batch.model import build_model
 from planet_batch.runtime import fault_file
 from planet_batch.score import ScoreError, run_scoring
 from planet_batch.submission import check_submission
-from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, dihedral, to_model_input
+from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.ray
 SIZE = 32
@@ -52,16 +53,6 @@ def score(tmp_path, export_dir, **kw):
     return run_scoring(ScoreConfig(model=str(export_dir), batch_size=8, **kw))
 
 
-def plain_probs(export_dir, paths, tta=False):
-    """The same model run by hand on the same decoder: what the Ray pipeline must reproduce."""
-    exported = load_export(export_dir)
-    model = exported.build()
-    images = np.stack([decode_image(p.read_bytes(), SIZE) for p in paths])
-    views = [dihedral(images, k) for k in range(8)] if tta else [images]
-    with torch.inference_mode():
-        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v)))).numpy() for v in views], 0)
-
-
 def test_submission_is_complete_ordered_and_matches_a_plain_loop(ray_local, demo_root, export_dir, tmp_path):
     summary = score(tmp_path, export_dir, data=str(demo_root), probs_out=str(tmp_path / "probs.parquet"))
     out = tmp_path / "submission.csv"
@@ -76,7 +67,7 @@ def test_submission_is_complete_ordered_and_matches_a_plain_loop(ray_local, demo
     matrix = probs[list(TAGS)].to_numpy()
     assert [r[1] for r in rows[1:]] == decode(matrix, 0.2)
     paths = [demo_root / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg" for n in names]
-    np.testing.assert_allclose(matrix, plain_probs(export_dir, paths), atol=1e-5)
+    np.testing.assert_allclose(matrix, plain_probs(export_dir, paths, SIZE), atol=1e-5)
 
     saved = json.loads((tmp_path / "score_summary.json").read_text())
     assert saved["images"] == saved["scored"] == 40 and saved["unreadable"] == 0
@@ -90,8 +81,8 @@ def test_tuned_thresholds_tta_and_an_image_folder(ray_local, demo_root, export_d
     rows = read_rows(tmp_path / "submission.csv")[1:]
     assert [r[0] for r in rows] == [f"test_{i}" for i in range(24)]
     matrix = pq.read_table(tmp_path / "p.parquet").to_pandas()[list(TAGS)].to_numpy()
-    np.testing.assert_allclose(matrix, plain_probs(export_dir, [folder / f"{r[0]}.jpg" for r in rows], tta=True),
-                               atol=1e-5)
+    expected = plain_probs(export_dir, [folder / f"{r[0]}.jpg" for r in rows], SIZE, tta=True)
+    np.testing.assert_allclose(matrix, expected, atol=1e-5)
     assert [r[1] for r in rows] == decode(matrix, np.asarray(load_export(export_dir).thresholds))
 
 
@@ -185,7 +176,7 @@ def test_interrupted_scoring_leaves_no_partial_file_and_a_rerun_matches(demo_roo
     names = [f"test_{i}" for i in range(600)]
     assert [r[0] for r in rows] == names
     # The rerun is the complete, deterministic answer: what the plain loop gives for the same images.
-    assert [r[1] for r in rows] == decode(plain_probs(export_dir, [folder / f"{n}.jpg" for n in names]), 0.2)
+    assert [r[1] for r in rows] == decode(plain_probs(export_dir, [folder / f"{n}.jpg" for n in names], SIZE), 0.2)
 
 
 class _Stuck:

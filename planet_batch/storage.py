@@ -1,0 +1,207 @@
+"""Where data, models and outputs live: a local path or any URI pyarrow's filesystems open.
+
+`s3://bucket/prefix`, `gs://...`, `hdfs://...`, `file:///...` and plain paths all become one
+`Location` (a pyarrow filesystem plus a path in it), so layout discovery, label files, the
+sample submission, exports, every image read and every output go through the same object.
+Credentials come from each filesystem's standard chain (environment, profile, instance role;
+`AWS_ENDPOINT_URL` for an S3-compatible server) and never from the URI, so no message, log or
+summary can carry them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pyarrow.fs as pafs
+
+from planet_batch.errors import PlanetBatchError
+
+log = logging.getLogger(__name__)
+
+# Ray's own label for "this node" (ray.util.placement_group.NODE_ID_LABEL_KEY): Ray Data pins
+# reads of `local://` paths to the driver's node with it, and so do we.
+NODE_ID_LABEL = "ray.io/node-id"
+
+
+class StorageError(PlanetBatchError, OSError):
+    pass
+
+
+def _one_line(e: BaseException) -> str:
+    """pyarrow's messages can run to dozens of lines (libhdfs lists every JVM path it tried)."""
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Location:
+    """A file or folder: `path` inside `fs`; `scheme` is "" for a plain local path."""
+
+    fs: pafs.FileSystem
+    path: str
+    scheme: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.path}" if self.scheme else self.path
+
+    @property
+    def local(self) -> bool:
+        """On the disk of the machine that opened it (a plain path or file://)."""
+        return isinstance(self.fs, pafs.LocalFileSystem)
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.path).name
+
+    @property
+    def stem(self) -> str:
+        return PurePosixPath(self.path).stem
+
+    @property
+    def parent(self) -> Location:
+        return Location(self.fs, str(PurePosixPath(self.path).parent), self.scheme)
+
+    def __truediv__(self, part: str) -> Location:
+        return Location(self.fs, f"{self.path.rstrip('/')}/{part}", self.scheme)
+
+    def with_name(self, name: str) -> Location:
+        return self.parent / name
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            raise StorageError(f"{self}: cannot {what}: {_one_line(e)}") from None
+
+    def info(self) -> pafs.FileInfo:
+        return self._call("read", self.fs.get_file_info, self.path)
+
+    def exists(self) -> bool:
+        return self.info().type != pafs.FileType.NotFound
+
+    def is_dir(self) -> bool:
+        return self.info().type == pafs.FileType.Directory
+
+    def is_file(self) -> bool:
+        return self.info().type == pafs.FileType.File
+
+    def read_bytes(self) -> bytes:
+        def read():
+            with self.fs.open_input_stream(self.path) as f:
+                return f.read()
+
+        return self._call("read", read)
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return self.read_bytes().decode(encoding)
+
+    def files(self, suffix: str) -> list[Location]:
+        """The files directly in this folder whose names end with `suffix`, sorted."""
+        infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((Location(self.fs, i.path, self.scheme) for i in infos
+                       if i.type == pafs.FileType.File and i.path.endswith(suffix)), key=lambda loc: loc.path)
+
+    def write_atomic(self, write: Callable[[Path], object]) -> Location:
+        """`write(tmp_path)` fills a local temp file, which then appears here whole or not at all.
+
+        Locally a rename in the same folder; on an object store one PUT of the finished file
+        (an object is never visible half-written there).
+        """
+        if self.local:
+            write_atomic(Path(self.path), write)
+            return self
+        with tempfile.TemporaryDirectory(prefix="planet-batch-") as d:
+            tmp = Path(d) / self.name
+            write(tmp)
+            self._call("write", pafs.copy_files, str(tmp), self.path, pafs.LocalFileSystem(), self.fs)
+        return self
+
+    def check_writable_folder(self) -> None:
+        """Fail before any work when outputs cannot be written into this folder."""
+        if self.local:
+            folder = Path(self.path)
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise StorageError(f"cannot write to {folder}")
+            return
+        bucket = self.path.split("/", 1)[0]
+        if self._call("reach", self.fs.get_file_info, bucket).type == pafs.FileType.NotFound:
+            raise StorageError(f"{self}: bucket {bucket!r} does not exist")
+
+
+def locate(where: str | os.PathLike | Location) -> Location:
+    """A path or URI as a Location; an unknown scheme or credentials in the URI fail with one line."""
+    if isinstance(where, Location):
+        return where
+    text = os.fspath(where)
+    if "://" not in text:
+        return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()))
+    parts = urllib.parse.urlsplit(text)
+    if parts.password or (parts.username and parts.scheme != "hdfs"):
+        raise StorageError(f"{parts.scheme}://...: credentials do not go in the URI; use the environment, "
+                           "a profile or the instance role (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
+    try:
+        fs, path = pafs.FileSystem.from_uri(text)
+    except (OSError, ValueError) as e:
+        raise StorageError(f"{text}: cannot open ({_one_line(e)}); use a local path, s3://, gs://, hdfs:// "
+                           "or file://") from None
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Location(fs, path)  # file:///x is the local path /x
+    return Location(fs, path.rstrip("/"), parts.scheme)
+
+
+def existing_dir(where: str | os.PathLike | Location, what: str = "data root") -> Location:
+    """A folder that must exist: a missing bucket, a missing prefix and denied access each get one line."""
+    loc = locate(where)
+    if loc.is_dir():
+        return loc
+    if loc.local:
+        raise StorageError(f"{what} {loc} is not a directory")
+    bucket = loc.path.split("/", 1)[0]
+    if bucket != loc.path and loc._call("reach", loc.fs.get_file_info, bucket).type == pafs.FileType.NotFound:
+        raise StorageError(f"{what} {loc}: bucket {bucket!r} does not exist")
+    raise StorageError(f"{what} {loc}: nothing under this prefix")
+
+
+def read_placement(data: Location, shared: bool) -> dict[str, str] | None:
+    """Where the tasks that open `data`'s files may run: Ray's label selector, or None for anywhere.
+
+    A URI is read on every node. A local path is known to exist only on the driver's node, so its
+    reads are pinned there and decoded batches reach the other nodes through Ray's object store,
+    unless `shared` says every node mounts it (NFS).
+    """
+    import ray
+
+    if not data.local or shared:
+        return None
+    node = ray.get_runtime_context().get_node_id()
+    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+        log.info("data is local to node %s: reading there; put it on s3:// (or pass --data-shared for a path "
+                 "every node mounts) to read from every node", node[:12])
+    return {NODE_ID_LABEL: node}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_atomic(path: Path | str, write: Callable[[Path], object]) -> None:
+    """Write through a temp file in the same folder, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

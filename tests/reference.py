@@ -1,0 +1,26 @@
+"""Reference models and results the tests compare the Ray pipelines against."""
+
+import numpy as np
+import torch
+
+from planet_batch.export import load_export, save_export
+from planet_batch.labels import TAGS
+from planet_batch.model import build_model
+from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, dihedral, to_model_input
+
+
+def tiny_export(path, size=32):
+    torch.manual_seed(0)
+    return save_export(path, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=size,
+                       mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
+                       dropout=0.5, config={}, metrics={})
+
+
+def plain_probs(export_dir, paths, size, tta=False):
+    """The same model run by hand on the same decoder: what the Ray pipeline must reproduce."""
+    exported = load_export(export_dir)
+    model = exported.build()
+    images = np.stack([decode_image(p.read_bytes(), size) for p in paths])
+    views = [dihedral(images, k) for k in range(8)] if tta else [images]
+    with torch.inference_mode():
+        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v)))).numpy() for v in views], 0)
