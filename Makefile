@@ -1,5 +1,6 @@
 # `make demo` and `make test` work on a fresh machine: each creates .venv when missing and
-# (re)installs the project only when pyproject.toml changed.
+# (re)installs the project only when pyproject.toml or constraints.txt changed, at the
+# versions constraints.txt pins (the ones cluster.yaml installs on every node).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,9 +9,9 @@ DEMO := demo_out
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

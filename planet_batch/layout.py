@@ -75,8 +75,8 @@ def find_layout(root: Path | str | Location, need: Iterable[str] = ()) -> Layout
     for what in need:
         missing = [k for k in wanted[what] if not exists[k]]
         if missing:
-            looked = "\n".join(f"  {root / LAYOUTS[kd][k]}  ({kd} layout)" for kd in LAYOUTS for k in wanted[what])
-            raise LayoutError(f"no {what} data under {root}; looked for:\n{looked}")
+            looked = ", ".join(f"{root / LAYOUTS[kd][k]} ({kd} layout)" for kd in LAYOUTS for k in wanted[what])
+            raise LayoutError(f"no {what} data under {root}; looked for {looked}")
     return layout
 
 

@@ -130,7 +130,7 @@ class Location:
                 raise StorageError(f"cannot write to {folder}")
             return
         bucket = self.path.split("/", 1)[0]
-        if self._call("reach", self.fs.get_file_info, bucket).type == pafs.FileType.NotFound:
+        if not Location(self.fs, bucket, self.scheme).exists():
             raise StorageError(f"{self}: bucket {bucket!r} does not exist")
 
 
@@ -142,7 +142,7 @@ def locate(where: str | os.PathLike | Location) -> Location:
     if "://" not in text:
         return Location(pafs.LocalFileSystem(), str(Path(text).expanduser().resolve()))
     parts = urllib.parse.urlsplit(text)
-    if parts.password or (parts.username and parts.scheme != "hdfs"):
+    if parts.password or (parts.username not in (None, "anonymous") and parts.scheme != "hdfs"):
         raise StorageError(f"{parts.scheme}://...: credentials do not go in the URI; use the environment, "
                            "a profile or the instance role (for S3: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")
     try:
@@ -158,12 +158,16 @@ def locate(where: str | os.PathLike | Location) -> Location:
 def existing_dir(where: str | os.PathLike | Location, what: str = "data root") -> Location:
     """A folder that must exist: a missing bucket, a missing prefix and denied access each get one line."""
     loc = locate(where)
-    if loc.is_dir():
-        return loc
+    try:
+        if loc.is_dir():
+            return loc
+        bucket = loc.path.split("/", 1)[0]
+        missing_bucket = not loc.local and bucket != loc.path and not Location(loc.fs, bucket, loc.scheme).exists()
+    except StorageError as e:
+        raise StorageError(f"{what} {e}") from None
     if loc.local:
         raise StorageError(f"{what} {loc} is not a directory")
-    bucket = loc.path.split("/", 1)[0]
-    if bucket != loc.path and loc._call("reach", loc.fs.get_file_info, bucket).type == pafs.FileType.NotFound:
+    if missing_bucket:
         raise StorageError(f"{what} {loc}: bucket {bucket!r} does not exist")
     raise StorageError(f"{what} {loc}: nothing under this prefix")
 

@@ -34,12 +34,35 @@ def test_gpu_workers_scale_from_zero_to_eight(cluster):
     assert gpu["node_config"]["InstanceType"].startswith("g5.")
 
 
-def test_pins_match_this_checkout(cluster):
+def pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return dict(line.split("==") for line in (x.split("#")[0].strip() for x in lines) if line)
+
+
+def test_every_node_installs_this_checkout_with_the_tested_pins(cluster):
     setup = " ".join(cluster["setup_commands"])
     pyproject = (ROOT / "pyproject.toml").read_text()
     version = re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
     assert f"== '{version}'" in setup
-    assert f"ray[data,train,default]=={importlib.metadata.version('ray')}" in setup
+    assert "-c /home/ubuntu/planet-batch/constraints.txt /home/ubuntu/planet-batch" in setup
+    assert "==" not in setup.replace(f"== '{version}'", ""), "versions belong in constraints.txt only"
+
+
+def test_the_pins_fit_pyproject_and_are_what_this_checkout_runs():
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    deps = [Requirement(d) for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]]
+    pinned = pins()
+    for dep in deps:
+        assert dep.name.lower() in pinned, f"{dep.name} has no pin in constraints.txt"
+        assert dep.specifier.contains(pinned[dep.name.lower()]), f"{dep.name}=={pinned[dep.name.lower()]} vs {dep}"
+    for name, version in pinned.items():
+        assert importlib.metadata.version(name) == version, f"this venv runs {name} {importlib.metadata.version(name)}"
+
+
+def test_gpu_workers_reach_s3_through_an_instance_profile(cluster):
+    assert cluster["available_node_types"]["gpu_worker"]["node_config"]["IamInstanceProfile"]["Name"]
 
 
 def test_dashboard_only_on_loopback_and_token_auth_on(cluster):
