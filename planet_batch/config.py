@@ -233,11 +233,10 @@ def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] 
 
 
 def save_config(cfg, path: Path | str) -> Path:
+    from planet_batch.storage import write_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    write_atomic(path, lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     return path
 
 

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from planet_batch.labels import Labels
+from planet_batch.storage import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +171,10 @@ def write_demo_data(
 
 
 def _write_csv(path: Path, rows) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_name", "tags"])
-        w.writerows(rows)
-    tmp.replace(path)
+    def write(tmp: Path):
+        with tmp.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image_name", "tags"])
+            w.writerows(rows)
+
+    write_atomic(path, write)

@@ -11,14 +11,17 @@ matplotlib.use("Agg")  # batch jobs have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from planet_batch.storage import write_atomic  # noqa: E402
+
 
 def _save(fig, out: Path | str) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    tmp.replace(out)
+    try:
+        # The format comes from `out`'s suffix: the temp file's own name ends in .tmp.
+        write_atomic(out, lambda p: fig.savefig(p, format=out.suffix.lstrip(".") or "png", dpi=100,
+                                                bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return out
 
 

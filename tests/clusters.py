@@ -65,9 +65,10 @@ def hidden(folder: Path, args: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = None):
+def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = None, worker_node: bool = True):
     """A head and a worker node on 127.0.0.1; yields what the tests need, stops both on exit.
 
+    `worker_node=False`: the head alone, the single-node baseline of bench/cluster_score.py.
     `hide`: a folder the worker node does not see (its own mount namespace), as on a cluster whose
     nodes share no disk. `env`: extra environment for every node (and so for jobs and workers).
     """
@@ -86,14 +87,16 @@ def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = Non
                            env, (tmp / "head.log").open("w")))
         url = f"http://127.0.0.1:{dash}"
         wait_for(lambda: http_status(f"{url}/api/version", token) == 200, 60, "the head's job API")
-        worker = [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
-        wrap = (lambda args: hidden(hide, args)) if hide else None
-        procs.append(start(worker, env, (tmp / "worker.log").open("w"), wrap=wrap))
-        wait_for(lambda: alive_nodes(url, token) == 2, 60, "the second node")
-        cluster = {"url": url, "token": token, "env": env, "tmp": tmp, "worker": procs[1]}
+        cluster = {"url": url, "token": token, "env": env, "tmp": tmp}
+        if worker_node:
+            worker = [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+            wrap = (lambda args: hidden(hide, args)) if hide else None
+            procs.append(start(worker, env, (tmp / "worker.log").open("w"), wrap=wrap))
+            cluster["worker"] = procs[1]
+        wait_for(lambda: alive_nodes(url, token) == len(procs), 60, "the nodes")
         nodes = get_json(cluster, "/nodes?view=summary")["data"]["summary"]
         cluster["head_id"] = next(n["raylet"]["nodeId"] for n in nodes if n["raylet"].get("isHeadNode"))
-        cluster["worker_id"] = next(n["raylet"]["nodeId"] for n in nodes if not n["raylet"].get("isHeadNode"))
+        cluster["worker_id"] = next((n["raylet"]["nodeId"] for n in nodes if not n["raylet"].get("isHeadNode")), None)
         yield cluster
     finally:
         for p in reversed(procs):

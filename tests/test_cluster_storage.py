@@ -93,6 +93,7 @@ def test_score_from_and_to_s3_equals_the_local_run(split_disk, tmp_path):
     assert fs.get_file_info("planet/out/probs.parquet").size > 0
     reads = tasks_by_node(split_disk, "ReadBinary")
     assert reads.get(split_disk["worker_id"], 0) > 0, reads  # read from S3 on the node without the data folder
+    assert tasks_by_node(split_disk, "Predictor").get(split_disk["worker_id"], 0) > 0
     print(f"2 nodes, data on S3: {summary['images_per_s']} images/s")
 
 

@@ -9,7 +9,7 @@ from planet_batch.cli import main
 from planet_batch.data import train_valid_split
 from planet_batch.export import load_export
 from planet_batch.layout import find_layout
-from planet_batch.storage import StorageError, existing_dir, locate
+from planet_batch.storage import NODE_ID_LABEL, StorageError, existing_dir, locate, read_placement
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +106,14 @@ def test_a_denied_key_is_one_line_naming_the_uri(tmp_path, capsys, monkeypatch):
 def test_existing_dir_names_what_it_checks(tmp_path):
     with pytest.raises(StorageError, match=f"--images {tmp_path / 'nope'} is not a directory"):
         existing_dir(tmp_path / "nope", "--images")
+
+
+@pytest.mark.ray
+def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, tmp_path):
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    assert read_placement(locate(tmp_path), shared=False) == {NODE_ID_LABEL: here}
+    assert read_placement(locate(f"file://{tmp_path}"), shared=False) == {NODE_ID_LABEL: here}
+    assert read_placement(locate(tmp_path), shared=True) is None
+    assert read_placement(locate("s3://planet/data"), shared=False) is None
