@@ -29,9 +29,8 @@ from planet_batch.config import ScoreConfig
 from planet_batch.demo_data import render, sample_tag_sets
 from planet_batch.export import load_export, save_export
 from planet_batch.labels import TAGS, decode
-from planet_batch.model import build_model
+from planet_batch.model import build_model, inference
 from planet_batch.runtime import setup_logging
-from planet_batch.score import inference
 from planet_batch.submission import write_submission
 from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, to_model_input
 

@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from planet_batch.config import TrainConfig, load_config
 from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
+from planet_batch.model import build_model, set_frozen, training_setup
 from planet_batch.runtime import setup_logging
 from planet_batch.train import run_training
 from planet_batch.transforms import augment_batch, decode_image, to_model_input
@@ -34,10 +33,9 @@ def plain_loop_epoch_rate(paths, targets, args) -> float:
     torch.set_num_threads(args.threads)
     model = build_model(args.arch, len(TAGS))
     set_frozen(model, False)
-    opt = torch.optim.AdamW(param_groups(model, 0.01), weight_decay=1e-2)
     steps = len(paths) // args.batch_size
-    sched = one_cycle(opt, 2 * steps)
-    loss_fn = nn.BCEWithLogitsLoss()
+    setup = training_setup(model, 0.01, 1e-2, 2 * steps)
+    opt, sched, loss_fn = setup.optimizer, setup.scheduler, setup.loss_fn
     rng = np.random.default_rng(0)
     rate = 0.0
     for _ in range(2):

@@ -4,10 +4,68 @@ from __future__ import annotations
 
 import argparse
 import sys
+import types
+import typing
 from collections.abc import Sequence
 
+from planet_batch.config import ScoreConfig, TrainConfig, load_config
 from planet_batch.errors import PlanetBatchError
 from planet_batch.runtime import setup_logging
+
+# Flags that set a config field, with their help. Each flag's type is the field's type in the config
+# dataclass, and its value goes into the config as that value (never re-parsed), so a flag documented
+# here parses to exactly what the config wants: `--threshold 0.2` is the string "0.2", `--out 2024` a path.
+TRAIN_FLAGS = {
+    "workers": "Ray Train workers; 0 runs everything in the driver",
+    "cpus_per_worker": "CPUs per worker (the rest of the cluster decodes)",
+    "gpu": "one GPU per worker, bf16 autocast",
+    "storage": "Ray Train storage: local path, NFS or s3://bucket/prefix",
+    "data_shared": "the local --data path is mounted on every node (NFS): read it everywhere",
+}
+SCORE_FLAGS = {
+    "model": "export folder, e.g. RUN_DIR/export (a path or a URI)",
+    "data": "Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order "
+            "(a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)",
+    "images": "score any folder of .jpg files instead (a path or a URI)",
+    "data_shared": "the local --data/--images path is mounted on every node (NFS): read it everywhere",
+    "out": "submission CSV (default submission.csv), a path or a URI; side files go next to it",
+    "threshold": "a number (default 0.2) or 'tuned' for the export's per-class thresholds",
+    "tta": "average the 8 dihedral views",
+    "batch_size": "images per predictor call",
+    "actors": "predictor actors (default: one per GPU, or one per CPU)",
+    "cpus_per_actor": "logical CPUs per predictor actor",
+    "gpus_per_actor": "GPUs per predictor actor",
+    "probs_out": "also write every probability to this Parquet file (a path or a URI)",
+    "strict": "fail instead of giving unreadable images empty tags",
+    "overwrite": "replace an existing output",
+    "stall_timeout_s": "fail after this many seconds without a scored batch (default 600; 0 waits forever)",
+}
+FLAG_NAMES = {"stall_timeout_s": "--stall-timeout"}
+
+
+def field_type(tp):
+    """The one plain type a config field holds (`str | None` -> str)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if tp not in (bool, int, float, str):
+        raise TypeError(f"no flag for a field of type {tp}")
+    return tp
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, str]) -> None:
+    hints = typing.get_type_hints(cls)
+    for name, text in flags.items():
+        tp, flag = field_type(hints[name]), FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        if tp is bool:
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, type=tp, default=None, help=text)
+
+
+def config_from_args(cls, args, flags: dict[str, str]):
+    """The config file (if any), then --set overrides, then the flags given, each as its typed value."""
+    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    return load_config(cls, args.config, args.set, values=given)
 
 
 def cmd_demo_data(args) -> None:
@@ -28,13 +86,8 @@ def cmd_show_batch(args) -> None:
     print(f"show_batch: {show_batch(images, titles, args.out, args.rows)}")
 
 
-def train_config(args):
-    from planet_batch.config import TrainConfig, load_config
-
-    flags = {"workers": args.workers, "cpus_per_worker": args.cpus_per_worker, "storage": args.storage}
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"{k}=true" for k in ("gpu", "data_shared") if getattr(args, k)]
-    return load_config(TrainConfig, args.config, [*args.set, *overrides])
+def train_config(args) -> TrainConfig:
+    return config_from_args(TrainConfig, args, TRAIN_FLAGS)
 
 
 def cmd_train(args) -> None:
@@ -52,23 +105,24 @@ def cmd_lr_find(args) -> None:
 
 
 def cmd_score(args) -> None:
-    from planet_batch.config import ScoreConfig, load_config
     from planet_batch.score import run_scoring
     from planet_batch.storage import locate
 
-    flags = {
-        "model": args.model, "data": args.data, "images": args.images, "out": args.out, "threshold": args.threshold,
-        "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus_per_actor,
-        "gpus_per_actor": args.gpus_per_actor, "probs_out": args.probs_out, "stall_timeout_s": args.stall_timeout,
-    }
-    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    overrides += [f"{k}=true" for k in ("tta", "strict", "overwrite", "data_shared") if getattr(args, k)]
-    summary = run_scoring(load_config(ScoreConfig, args.config, [*args.set, *overrides]))
+    summary = run_scoring(config_from_args(ScoreConfig, args, SCORE_FLAGS))
     print(f"submission: {summary.output}\nsummary: {locate(summary.output).with_name('score_summary.json')}")
     if summary.bad_images:
         print(f"unreadable images: {summary.unreadable}, listed in {summary.bad_images}")
     if summary.probs:
         print(f"probabilities: {summary.probs}")
+
+
+def cmd_lesson3(args) -> None:
+    from planet_batch.lesson3 import run_lesson3
+
+    result = run_lesson3(train_config(args), args.data, args.out, args.threshold, args.tta,
+                         args.message if args.submit else None)
+    print(f"export: {result.export}\nsubmission: {result.submission.output}" +
+          ("\nsubmitted to Kaggle" if result.submitted else ""))
 
 
 def cmd_check_submission(args) -> int:
@@ -95,18 +149,14 @@ def cmd_submit(args) -> None:
     print(f"submitted {args.file} to {args.competition}")
 
 
-def add_train_options(s: argparse.ArgumentParser) -> None:
-    s.add_argument("--config", required=True, help="job config YAML, e.g. jobs/configs/lesson3.yaml")
+def add_train_options(s: argparse.ArgumentParser, config_default: str | None = None) -> None:
+    s.add_argument("--config", required=config_default is None, default=config_default,
+                   help="job config YAML, e.g. jobs/configs/lesson3.yaml")
     s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout): a path or a URI "
                    "(s3://bucket/prefix, gs://, hdfs://, file://)")
-    s.add_argument("--data-shared", action="store_true",
-                   help="the local --data path is mounted on every node (NFS): read it everywhere")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stages.0.epochs=2 (repeatable)")
-    s.add_argument("--workers", type=int, help="Ray Train workers; 0 runs everything in the driver")
-    s.add_argument("--cpus-per-worker", type=float)
-    s.add_argument("--gpu", action="store_true", help="one GPU per worker, bf16 autocast")
-    s.add_argument("--storage", help="Ray Train storage: local path, NFS or s3://bucket/prefix")
+    add_config_flags(s, TrainConfig, TRAIN_FLAGS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,27 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lr_find)
 
     s = sub.add_parser("score", help="score test images with Ray Data into a Kaggle submission")
-    s.add_argument("--model", help="export folder, e.g. RUN_DIR/export (a path or a URI)")
-    s.add_argument("--data", help="Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order "
-                   "(a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)")
-    s.add_argument("--images", help="score any folder of .jpg files instead (a path or a URI)")
-    s.add_argument("--data-shared", action="store_true",
-                   help="the local --data/--images path is mounted on every node (NFS): read it everywhere")
-    s.add_argument("--out", help="submission CSV (default submission.csv), a path or a URI; side files go next to it")
-    s.add_argument("--threshold", help="a number (default 0.2) or 'tuned' for the export's per-class thresholds")
-    s.add_argument("--tta", action="store_true", help="average the 8 dihedral views")
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--actors", type=int, help="predictor actors (default: one per GPU, or one per CPU)")
-    s.add_argument("--cpus-per-actor", type=float)
-    s.add_argument("--gpus-per-actor", type=float)
-    s.add_argument("--probs-out", help="also write every probability to this Parquet file")
-    s.add_argument("--strict", action="store_true", help="fail instead of giving unreadable images empty tags")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    s.add_argument("--stall-timeout", type=float, help="fail after this many seconds without a scored batch "
-                   "(default 600; 0 waits forever)")
+    add_config_flags(s, ScoreConfig, SCORE_FLAGS)
     s.add_argument("--config", help="score config YAML (flags override it)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_score)
+
+    s = sub.add_parser("lesson3", help="the whole notebook: train, export, score the test set, check, submit")
+    add_train_options(s, config_default="jobs/configs/lesson3.yaml")
+    s.add_argument("--out", required=True, help="run folder; submission.csv and probs.parquet go there too")
+    s.add_argument("--threshold", default="0.2", help="0.2 (the notebook's) or 'tuned'")
+    s.add_argument("--tta", action="store_true", help="average the 8 dihedral views when scoring")
+    s.add_argument("--submit", action="store_true", help="submit submission.csv to the competition")
+    s.add_argument("-m", "--message", default="planet-batch lesson3")
+    s.set_defaults(func=cmd_lesson3)
 
     s = sub.add_parser("check-submission", help="check a submission CSV; exit 1 with the reasons")
     s.add_argument("file")

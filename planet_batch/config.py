@@ -217,7 +217,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] = ()) -> T:
+def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] = (),
+                values: dict[str, Any] | None = None) -> T:
+    """The YAML file at `path`, then `KEY=VALUE` overrides (parsed as YAML), then typed `values` (CLI flags)."""
     data: dict = {}
     if path is not None:
         try:
@@ -227,7 +229,7 @@ def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] 
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
     try:
-        return from_dict(cls, apply_overrides(data, overrides))
+        return from_dict(cls, {**apply_overrides(data, overrides), **(values or {})})
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
 

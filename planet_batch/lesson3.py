@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from planet_batch.config import ScoreConfig, TrainConfig
+from planet_batch.errors import PlanetBatchError
 from planet_batch.score import ScoreSummary, run_scoring
 from planet_batch.submission import check_submission
 from planet_batch.train import run_training
 
 log = logging.getLogger(__name__)
+
+
+class SubmissionError(PlanetBatchError, RuntimeError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
                                       probs_out=str(run_dir / "probs.parquet")))
     problems = check_submission(summary.output, layout.sample_submission)
     if problems:
-        raise RuntimeError(f"{summary.output} failed its check: {'; '.join(problems)}")
+        raise SubmissionError(f"{summary.output} failed its check: {'; '.join(problems)}")
     if submit_message:
         submit(summary.output, submit_message, sample=layout.sample_submission)
     return Lesson3Result(export, summary, submitted=bool(submit_message))

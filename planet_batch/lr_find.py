@@ -13,11 +13,16 @@ from torch import nn
 
 from planet_batch.config import TrainConfig
 from planet_batch.data import labelled_dataset, train_valid_split
+from planet_batch.errors import PlanetBatchError
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, param_groups, set_frozen
+from planet_batch.model import build_model, set_frozen, training_setup
 from planet_batch.transforms import to_model_input
 
 log = logging.getLogger(__name__)
+
+
+class LRFindError(PlanetBatchError, ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -45,8 +50,8 @@ def lr_sweep(model: nn.Module, batches, start_lr=1e-7, end_lr=10.0, num_it=100, 
     Every layer group gets the same LR, as in fastai's sweep; frozen groups simply do not move.
     """
     saved = copy.deepcopy(model.state_dict())
-    optimizer = torch.optim.AdamW(param_groups(model, start_lr), weight_decay=weight_decay)
-    loss_fn = nn.BCEWithLogitsLoss()
+    setup = training_setup(model, start_lr, weight_decay)
+    optimizer, loss_fn = setup.optimizer, setup.loss_fn
     lrs, losses = [], []
     avg, best, stopped = 0.0, float("inf"), False
     model.train()
@@ -72,7 +77,7 @@ def lr_sweep(model: nn.Module, batches, start_lr=1e-7, end_lr=10.0, num_it=100, 
     finally:
         model.load_state_dict(saved)
     if len(lrs) < 3:
-        raise ValueError(f"LR finder ran only {len(lrs)} batches; it needs more training images or a smaller batch")
+        raise LRFindError(f"LR finder ran only {len(lrs)} batches; it needs more training images or a smaller batch")
     return LRFindResult(lrs, losses, suggest_lr(np.array(lrs), np.array(losses)), stopped)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -125,3 +128,32 @@ def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim
         base_momentum=0.85,
         max_momentum=0.95,
     )
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What trains a model besides the model: the optimiser, the loss and (for fit_one_cycle) the schedule."""
+
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    scheduler: torch.optim.lr_scheduler.OneCycleLR | None
+
+
+def training_setup(model: nn.Sequential, lr: float | tuple[float, float], weight_decay: float,
+                   total_steps: int | None = None) -> TrainingSetup:
+    """fastai's Learner for this task: AdamW over the three layer groups, BCE on logits (multi-label), and
+    with `total_steps` fit_one_cycle's schedule. Training, lr_find and the training bench all start here.
+
+    PyTorch's AdamW defaults (betas 0.9/0.999, eps 1e-8, decay on every parameter): fastai's own Adam
+    settings measured side by side on the real chips were mixed, so nothing here departs from them.
+    """
+    optimizer = torch.optim.AdamW(param_groups(model, lr), weight_decay=weight_decay)
+    scheduler = one_cycle(optimizer, total_steps) if total_steps is not None else None
+    return TrainingSetup(optimizer, nn.BCEWithLogitsLoss(), scheduler)
+
+
+@contextlib.contextmanager
+def inference(device: torch.device) -> Iterator[None]:
+    """How the model predicts, in validation and in scoring: no autograd, and bf16 autocast on a GPU."""
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        yield

@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from planet_batch.errors import PlanetBatchError
@@ -31,8 +32,8 @@ class CurrentStderr(logging.StreamHandler):
 def setup_logging(verbose: bool = False) -> None:
     """Give planet_batch's loggers one handler, once per process (entrypoints and Ray worker loops).
 
-    Only our own logger is configured: raising the root logger to INFO inside Ray workers
-    would also switch on Ray's internal INFO chatter.
+    Only our own logger is configured here, and it does not propagate: the level of Ray's own
+    Python loggers is set by `ensure_ray`, for the driver and every worker of the job.
     """
     logger = logging.getLogger("planet_batch")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
@@ -43,16 +44,87 @@ def setup_logging(verbose: bool = False) -> None:
         logger.propagate = False
 
 
+def verbose() -> bool:
+    """Whether this run was asked for --verbose (our own logger is at DEBUG then)."""
+    return logging.getLogger("planet_batch").getEffectiveLevel() <= logging.DEBUG
+
+
+def quiet_ray_console() -> None:
+    """Ray's console output at WARNING, its log files complete: in the driver and, as Ray's
+    `worker_process_setup_hook`, in every worker process of the job.
+
+    Ray Data configures its own loggers (file: everything, in the session's ray-data.log; console:
+    INFO), so its console handlers are lowered here after importing it; deprecation warnings that
+    Ray's own code raises against Ray (e.g. Ray Train's use of `ExecutionOptions.exclude_resources`)
+    are not ours to fix and are hidden. A deprecated call of ours is attributed to our module, and
+    still shows.
+    """
+    import warnings
+
+    import ray.data  # noqa: F401 - sets up Ray Data's loggers now, so that the levels below stick
+    from ray.util.annotations import RayDeprecationWarning
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):  # the console; the session files stay complete
+            handler.setLevel(logging.WARNING)
+    # Its hint that progress bars are off (we turn them off: the epoch table and ProgressLine report).
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
+
+
 def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local Ray."""
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local Ray.
+
+    The console is for people: Ray's Python loggers, in this process and in every task and actor of
+    the job, print warnings and errors only (`--verbose`: everything, as Ray's default). Ray's own
+    processes keep writing their full logs to the session folder (/tmp/ray/session_latest/logs).
+    """
     import ray
 
     if not ray.is_initialized():
         joining = bool(os.environ.get("RAY_ADDRESS"))
-        ctx = ray.init()
+        quiet = not verbose()
+        # The hook runs in every worker process of this job, locally and on a cluster (merged with
+        # the job's own runtime_env under `ray job submit`); it needs planet_batch on every node,
+        # as cluster.yaml installs it.
+        ctx = ray.init(logging_config=ray.LoggingConfig(log_level="WARNING" if quiet else "INFO"),
+                       runtime_env={"worker_process_setup_hook": "planet_batch.runtime.quiet_ray_console"}
+                       if quiet else None)
+        if quiet:
+            quiet_ray_console()
         # Ray's own default keeps a local dashboard and job API on 127.0.0.1, behind its token.
         log.info("%s Ray; dashboard: %s", "joined the" if joining else "started a local",
                  ctx.dashboard_url or "off")
+
+
+def quiet_data_progress() -> None:
+    """No Ray Data progress bars or execution banners: the epoch table and scoring's `ProgressLine` report."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+class ProgressLine:
+    """One log line every `every_s` seconds: items done of the total, rate, and time left."""
+
+    def __init__(self, what: str, total: int, every_s: float = 10.0):
+        self.what, self.total, self.every_s = what, total, every_s
+        self.done, self.t0 = 0, time.perf_counter()
+        self.last = self.t0
+
+    def __str__(self) -> str:
+        return f"{self.done:,} of {self.total:,} {self.what}"
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if now - self.last >= self.every_s and self.done < self.total:
+            self.last = now
+            rate = self.done / (now - self.t0)
+            left = int((self.total - self.done) / rate) if rate else 0
+            log.info("%s, %.1f/s, %d:%02d left", self, rate, left // 60, left % 60)
 
 
 class CapacityError(PlanetBatchError, RuntimeError):

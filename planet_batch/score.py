@@ -7,7 +7,6 @@ and writes every output through a temp file and a rename.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -24,10 +23,11 @@ from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, load_export
 from planet_batch.labels import TAGS, decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
-from planet_batch.runtime import ensure_ray, maybe_inject_fault, setup_logging
+from planet_batch.model import inference
+from planet_batch.runtime import ProgressLine, ensure_ray, maybe_inject_fault, quiet_data_progress, setup_logging
 from planet_batch.storage import Location, StorageError, existing_dir, locate, read_placement
 from planet_batch.submission import write_submission
-from planet_batch.transforms import decode_batch, to_model_input
+from planet_batch.transforms import decode_batch, dihedral, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -50,26 +50,24 @@ class ScoreSummary:
     probs: str | None
 
 
-@contextlib.contextmanager
-def inference(device) -> Iterator[None]:
-    """How scoring runs the model: no autograd, and bf16 autocast on a GPU (the plain-loop bench too)."""
-    import torch
-
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
-        yield
-
-
 class Predictor:
-    """A Ray Data actor: the model is built once per actor, then scores batch after batch."""
+    """A Ray Data actor: the model is built once per actor, then scores batch after batch.
 
-    def __init__(self, export: ExportedModel, state: dict, threads: int, tta: bool):
+    The weights come as an object-store reference inside a list, which Ray does not resolve into the
+    constructor call: the constructor's own arguments stay small, so Ray can restart a lost actor from
+    them (it warns about, and cannot always restart, actors whose arguments live in the object store),
+    and the actor fetches the weights itself, from whichever node holds them.
+    """
+
+    def __init__(self, export: ExportedModel, state_ref: list, threads: int, tta: bool):
+        import ray
         import torch
 
         setup_logging()
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = export.build_from_state(state, self.device)
-        self.export, self.tta, self.batches = export, tta, 0
+        self.model = export.build_from_state(ray.get(state_ref[0]), self.device)
+        self.export, self.views, self.batches = export, range(8) if tta else range(1), 0
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -79,15 +77,14 @@ class Predictor:
         ok = batch["ok"]
         probs = np.zeros((len(ok), len(self.export.tags)), dtype=np.float32)
         if ok.any():
-            x = to_model_input(batch["image"][ok], self.device, self.export.mean, self.export.std)
-            views = [(k, flip) for k in range(4) for flip in (False, True)] if self.tta else [(0, False)]
+            images = batch["image"][ok]
             with inference(self.device):
                 total = 0
-                for k, flip in views:
-                    v = torch.rot90(x, k, dims=(2, 3)) if k else x
-                    v = torch.flip(v, dims=(3,)) if flip else v
-                    total = total + torch.sigmoid(self.model(v).float())
-            probs[ok] = (total / len(views)).cpu().numpy()
+                for k in self.views:  # TTA: the same 8 dihedral views that training augments with
+                    x = to_model_input(np.ascontiguousarray(dihedral(images, k)), self.device, self.export.mean,
+                                       self.export.std)
+                    total = total + torch.sigmoid(self.model(x).float())
+            probs[ok] = (total / len(self.views)).cpu().numpy()
         return {"name": batch["name"], "probs": probs, "ok": ok, "error": batch["error"]}
 
 
@@ -174,6 +171,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     state = export.load_state()
 
     ensure_ray()
+    quiet_data_progress()
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
     log.info("scoring %d images from %s with %s@%d on %d actor(s), %d torch threads each%s",
@@ -188,20 +186,22 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
                         batch_size=None, batch_format="numpy")
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"export": export, "state": state, "threads": threads, "tta": cfg.tta},
+        fn_constructor_kwargs={"export": export, "state_ref": [ray.put(state)], "threads": threads, "tta": cfg.tta},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
-        # A dead actor is restarted and its batch retried, a few times; past that the job fails loudly.
-        max_restarts=3,
-        max_task_retries=3,
+        # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
+        # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor
+        # stops delivering, and the stall timeout below fails the job.
     )
 
     probs: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
-    for batch in batches_or_stall(ds, cfg.stall_timeout_s, lambda: f"{len(probs)} of {len(order)} images scored"):
+    progress = ProgressLine("images scored", len(order))
+    for batch in batches_or_stall(ds, cfg.stall_timeout_s, lambda: str(progress)):
+        progress.update(len(batch["name"]))
         for name, p, ok, err in zip(batch["name"], batch["probs"], batch["ok"], batch["error"]):
             if name in probs:
                 raise ScoreError(f"{name} was scored twice: the input holds two files of that name")

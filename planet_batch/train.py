@@ -16,20 +16,29 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from planet_batch.config import TrainConfig, from_dict, save_config, to_dict
+from planet_batch.config import Stage, TrainConfig, from_dict, save_config, to_dict
 from planet_batch.data import Split, labelled_dataset, train_valid_split
 from planet_batch.errors import PlanetBatchError
 from planet_batch.export import save_export
 from planet_batch.labels import TAGS
 from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
-from planet_batch.model import build_model, one_cycle, param_groups, set_frozen
-from planet_batch.runtime import check_capacity, ensure_ray, maybe_inject_fault, setup_logging, torch_threads
+from planet_batch.model import TrainingSetup, build_model, inference, set_frozen, training_setup
+from planet_batch.runtime import (
+    check_capacity,
+    ensure_ray,
+    maybe_inject_fault,
+    quiet_data_progress,
+    setup_logging,
+    torch_threads,
+    verbose,
+)
 from planet_batch.storage import locate, read_placement, write_atomic
 from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 
@@ -55,24 +64,36 @@ TABLE_HEADER = f"{'epoch':<6}{'train_loss':<12}{'valid_loss':<12}{'accuracy_thre
 # Inside each Ray Train worker
 
 
-def _all_gather(obj) -> list:
+@dataclass
+class EpochShare:
+    """One worker's part of an epoch, gathered to every rank to make the epoch's metrics."""
+
+    probs: np.ndarray  # validation probabilities of this worker's slice
+    targets: np.ndarray
+    valid_loss_sum: float  # summed per-image BCE over the slice
+    train_loss_sum: float  # summed per-batch training loss
+    train_batches: int
+    train_seconds: float
+    data_wait_s: float  # time spent waiting for input batches
+
+
+def gather(share: EpochShare) -> list[EpochShare]:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         out = [None] * dist.get_world_size()
-        dist.all_gather_object(out, obj)
+        dist.all_gather_object(out, share)
         return out
-    return [obj]
+    return [share]
 
 
-def predict_shard(model: nn.Module, shard, batch_size: int, device, amp: bool):
+def evaluate(model: nn.Module, shard, batch_size: int, device) -> tuple[np.ndarray, np.ndarray, float]:
     """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
     probs, targets, loss_sum = [], [], 0.0
     model.eval()
-    with torch.inference_mode():
+    with inference(device):
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(to_model_input(batch["image"], device)).float()
+            logits = model(to_model_input(batch["image"], device)).float()
             y = batch["target"].float()
             loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
             probs.append(torch.sigmoid(logits).cpu().numpy())
@@ -88,130 +109,153 @@ def started(batches: Iterable) -> Iterator:
     return it if first is None else itertools.chain([first], it)
 
 
+def train_one_epoch(model: nn.Module, batches: Iterator, setup: TrainingSetup, device,
+                    fault_point: str) -> tuple[list[float], float]:
+    # `fault_point` names this epoch for tests' fault injection, with `{batch}` for the batch index.
+    """One pass over this worker's batches; the per-batch losses and the seconds spent waiting for input."""
+    model.train()
+    amp = device.type == "cuda"
+    losses, wait, t_wait = [], 0.0, time.perf_counter()
+    scheduler = setup.scheduler
+    for b, batch in enumerate(batches):
+        wait += time.perf_counter() - t_wait
+        maybe_inject_fault(fault_point.format(batch=b))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            logits = model(to_model_input(batch["image"], device))
+        loss = setup.loss_fn(logits.float(), batch["target"].float())
+        setup.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        setup.optimizer.step()
+        if scheduler.last_epoch + 1 < scheduler.total_steps:  # a short last shard must not overrun the cycle
+            scheduler.step()
+        losses.append(loss.item())
+        t_wait = time.perf_counter()
+    return losses, wait
+
+
+def restore(checkpoint, model: nn.Module, setup: TrainingSetup) -> tuple[int, dict]:
+    """The epoch to start at and the history so far: 0 and an empty history, or the checkpoint's."""
+    history: dict = {"epochs": [], "batch_losses": [], "resumed_after": []}
+    if checkpoint is None:
+        return 0, history
+    with checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    setup.optimizer.load_state_dict(state["optimizer"])
+    setup.scheduler.load_state_dict(state["scheduler"])
+    history = state["history"]
+    history["resumed_after"].append(state["epoch"])
+    return state["epoch"] + 1, history
+
+
+def epoch_metrics(shares: list[EpochShare], probs: np.ndarray, targets: np.ndarray, stage: Stage, epoch: int,
+                  cfg: TrainConfig, seconds: float) -> dict:
+    """fastai's epoch row over the whole validation set (`probs`, `targets`: every worker's slice)."""
+    batches = sum(s.train_batches for s in shares)
+    return {
+        "stage": stage.name,
+        "epoch": epoch,
+        "train_loss": sum(s.train_loss_sum for s in shares) / max(1, batches),
+        "valid_loss": sum(s.valid_loss_sum for s in shares) / max(1, len(probs)),
+        "accuracy_thresh": accuracy_thresh(probs, targets, cfg.threshold),
+        "fbeta": fbeta(probs, targets, cfg.threshold),
+        "time": seconds,
+        # Training images per second of the whole group, excluding validation (bench/train_throughput.py).
+        "train_images_per_s": batches * cfg.batch_size / max(s.train_seconds for s in shares),
+        "data_wait_s": max(s.data_wait_s for s in shares),  # the slowest worker's wait for input
+    }
+
+
+def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) -> None:
+    """Report the epoch to Ray Train (rank 0 with the checkpoint), then wait until Ray has registered it.
+
+    Ray Train registers a checkpoint once every worker's report of that epoch is in, which its
+    controller collects every 2 s. Without the wait, a worker that died soon after its report
+    could take the report with it and the restart resumed an epoch earlier; with it, a restart
+    always resumes from the last epoch every worker finished (the cost: about 1 s per epoch).
+    """
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+    elif local_dir:  # local mode keeps a reference to the folder instead of copying it to storage
+        d = Path(local_dir) / f"checkpoint_{metrics['epoch']:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(state, d / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if not local_dir:
+        ray.train.get_all_reported_checkpoints()
+
+
 def train_stage_loop(config: dict) -> None:
     """`train_loop_per_worker`: one stage's epochs, resuming from Ray's latest checkpoint if there is one."""
     import ray
     import ray.train
     import ray.train.torch
 
-    setup_logging()
+    setup_logging(config["verbose"])
+    if not config["verbose"]:
+        # Ray Train sets the worker's root logger to INFO, where its per-report lines ("Reporting training
+        # result ...", on a logger named by file path, so its LoggingConfig misses them) reach the console.
+        logging.getLogger().setLevel(logging.WARNING)
     cfg = from_dict(TrainConfig, config["cfg"])
     stage = cfg.stages[config["stage_index"]]
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(config["threads"])
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
-    amp = device.type == "cuda"
 
-    model = build_model(cfg.arch, len(TAGS), weights="none", dropout=cfg.dropout)
-    model.load_state_dict(ray.get(config["init"]))  # via the object store: no shared disk needed
-    set_frozen(model, stage.frozen)
-    raw = model
-    model = ray.train.torch.prepare_model(model)
-    optimizer = torch.optim.AdamW(param_groups(raw, stage.lr), weight_decay=cfg.weight_decay)
-    steps = config["steps_per_epoch"]
-    scheduler = one_cycle(optimizer, steps * stage.epochs)
-    history: dict = {"epochs": [], "batch_losses": [], "resumed_after": []}
-    start = 0
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-        raw.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history, start = state["history"], state["epoch"] + 1
-        history["resumed_after"].append(state["epoch"])
-        if rank == 0:
-            log.info("stage %s: resumed from the checkpoint of epoch %d", stage.name, state["epoch"])
-
-    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
-    train_shard = ray.train.get_dataset_shard("train")
-    valid_shard = ray.train.get_dataset_shard(f"valid_{rank}")
-    loss_fn = nn.BCEWithLogitsLoss()
+    raw = build_model(cfg.arch, len(TAGS), weights="none", dropout=cfg.dropout)
+    raw.load_state_dict(ray.get(config["init"]))  # via the object store: no shared disk needed
+    set_frozen(raw, stage.frozen)
+    model = ray.train.torch.prepare_model(raw)
+    setup = training_setup(raw, stage.lr, cfg.weight_decay, config["steps_per_epoch"] * stage.epochs)
+    start, history = restore(ray.train.get_checkpoint(), raw, setup)
     if rank == 0:
+        if history["resumed_after"]:
+            log.info("stage %s: resumed from the checkpoint of epoch %d", stage.name, start - 1)
         log.info("stage %s: %s, size %d, lr %s\n%s", stage.name, "frozen" if stage.frozen else "unfrozen",
                  stage.size, stage.lr, TABLE_HEADER)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    valid_shard = ray.train.get_dataset_shard(f"valid_{rank}")
 
     def start_epoch():
         return started(train_shard.iter_torch_batches(
             batch_size=cfg.batch_size, drop_last=True, device=device, prefetch_batches=2,
             local_shuffle_buffer_size=4 * cfg.batch_size))
 
+    prefetcher = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
     upcoming = None
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
-        model.train()
-        losses = []
-        wait, t_wait = 0.0, time.perf_counter()
         batches = upcoming.result() if upcoming is not None else start_epoch()
-        for b, batch in enumerate(batches):
-            wait += time.perf_counter() - t_wait
-            maybe_inject_fault(f"train:{stage.name}:{epoch}:{b}:{rank}")
-            x = to_model_input(batch["image"], device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                logits = model(x)
-            loss = loss_fn(logits.float(), batch["target"].float())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if scheduler.last_epoch + 1 < scheduler.total_steps:  # a short last shard must not overrun the cycle
-                scheduler.step()
-            losses.append(loss.item())
-            t_wait = time.perf_counter()
-
+        losses, wait = train_one_epoch(model, batches, setup, device, f"train:{stage.name}:{epoch}:{{batch}}:{rank}")
         train_seconds = time.perf_counter() - t0
         if epoch + 1 < stage.epochs:
             # Ray Data restarts the pipeline every epoch (~2 s before the first batch on 2 CPUs):
             # start the next one now, so that start-up overlaps validation instead of training.
             upcoming = prefetcher.submit(start_epoch)
-        probs, targets, vloss = predict_shard(raw, valid_shard, cfg.batch_size, device, amp)
-        parts = _all_gather((probs, targets, vloss, float(np.sum(losses)), len(losses), train_seconds, wait))
-        probs = np.concatenate([p[0] for p in parts])
-        targets = np.concatenate([p[1] for p in parts])
-        metrics = {
-            "stage": stage.name,
-            "epoch": epoch,
-            "train_loss": sum(p[3] for p in parts) / max(1, sum(p[4] for p in parts)),
-            "valid_loss": sum(p[2] for p in parts) / max(1, len(probs)),
-            "accuracy_thresh": accuracy_thresh(probs, targets, cfg.threshold),
-            "fbeta": fbeta(probs, targets, cfg.threshold),
-            "time": time.perf_counter() - t0,
-            # Training images per second of the whole group, excluding validation (bench/train_throughput.py).
-            "train_images_per_s": sum(p[4] for p in parts) * cfg.batch_size / max(p[5] for p in parts),
-            "data_wait_s": max(p[6] for p in parts),  # time the slowest worker waited for input batches
-        }
+        shares = gather(EpochShare(*evaluate(raw, valid_shard, cfg.batch_size, device), float(np.sum(losses)),
+                                   len(losses), train_seconds, wait))
+        probs = np.concatenate([s.probs for s in shares])
+        targets = np.concatenate([s.targets for s in shares])
+        metrics = epoch_metrics(shares, probs, targets, stage, epoch, cfg, time.perf_counter() - t0)
         history["epochs"].append(metrics)
         history["batch_losses"].extend(losses)
+        state = None
         if rank == 0:
             log.info("%s", format_row(metrics))
-            state = {
-                "model": raw.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "epoch": epoch,
-                "history": history,
-                "config": config["cfg"],
-            }
+            state = {"model": raw.state_dict(), "optimizer": setup.optimizer.state_dict(),
+                     "scheduler": setup.scheduler.state_dict(), "epoch": epoch, "history": history,
+                     "config": config["cfg"]}
             if epoch == stage.epochs - 1:  # the export tunes thresholds on these
                 state["valid_probs"], state["valid_targets"] = torch.from_numpy(probs), torch.from_numpy(targets)
-            # Ray Train registers a report when its controller next polls the workers (every 2 s,
-            # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a worker dying before that resumes from the previous
-            # checkpoint, so at most one epoch is redone and metrics.csv still lists each epoch once.
-            if config["local_checkpoints"]:
-                # Local mode keeps a reference to the folder instead of copying it to storage.
-                d = Path(config["local_checkpoints"]) / f"checkpoint_{epoch:06d}"
-                d.mkdir(parents=True, exist_ok=True)
-                torch.save(state, d / "state.pt")
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-            else:
-                with tempfile.TemporaryDirectory() as d:
-                    torch.save(state, Path(d) / "state.pt")
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-        else:
-            ray.train.report(metrics)
+        save_and_report(metrics, state, config["local_checkpoints"])
     prefetcher.shutdown()
 
 
@@ -257,7 +301,7 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
               run_id: str, label_selector: dict[str, str] | None = None) -> dict:
     """Run one stage on Ray Train and return the state in its final checkpoint."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     stage = cfg.stages[index]
@@ -273,6 +317,7 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
             "steps_per_epoch": (len(train) // world) // cfg.batch_size,
             "threads": torch_threads(cfg.torch_threads, cfg.cpus_per_worker),
             "local_checkpoints": None if cfg.workers else str(Path(storage) / f"{run_id}-{stage.name}"),
+            "verbose": verbose(),
         },
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker=resources if cfg.workers else None,
@@ -282,6 +327,9 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train's own console lines (worker group start, checkpoint created, ...) at WARNING unless
+            # --verbose; its system log files in the session folder keep every level.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
@@ -311,15 +359,6 @@ def check_batches(cfg: TrainConfig, n_train: int) -> None:
             f"batch_size {cfg.batch_size} is larger than the {per_worker} training images each of "
             f"{max(1, cfg.workers)} workers gets; lower batch_size or workers"
         )
-
-
-def quiet_data_progress() -> None:
-    """The epoch table is training's progress report; per-epoch dataset bars would bury it."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
 
 
 def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:

@@ -1,3 +1,8 @@
+import re
+import shlex
+from pathlib import Path
+
+import pytest
 from PIL import Image
 
 from planet_batch.cli import main
@@ -18,3 +23,103 @@ def test_demo_data_and_show_batch(tmp_path, capsys):
 def test_bad_data_root_is_a_clean_error(tmp_path, capsys):
     assert main(["show-batch", "--data", str(tmp_path), "--out", str(tmp_path / "b.png")]) == 2
     assert "no train data" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Every command line in README.md, extracted from the file so the docs cannot drift from the parser.
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """`planet-batch ...` and `python jobs/...` lines of README.md as argv lists for `main`.
+
+    Code blocks and inline code spans that carry a flag; continuation lines are joined, comments
+    dropped, `ray job submit ... --` prefixes cut, optional `[...]` parts kept, and each `a|b`
+    alternative becomes a command line of its own.
+    """
+    text = README.read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
+    lines += [span for span in re.findall(r"`([^`\n]+)`", text) if " --" in span]
+    commands = []
+    for line in lines:
+        line = line.split(" #")[0]
+        m = re.search(r"(planet-batch|python jobs/(\w+)\.py) (.*)", line)
+        if not m:
+            continue
+        sub = [] if m.group(1) == "planet-batch" else [m.group(2)]
+        words = [w for w in shlex.split(m.group(3).replace("[", "").replace("]", "")) if w != "..."]
+        variants = [[]]
+        for w in words:
+            options = w.split("|") if re.fullmatch(r"[\w.]+(\|[\w.]+)+", w) else [w]
+            variants = [v + [o] for v in variants for o in options]
+        commands += [sub + v for v in variants]
+    return commands
+
+
+def test_the_readme_documents_every_subcommand():
+    used = {c[0] for c in readme_commands()}
+    assert used >= {"train", "score", "lr-find", "lesson3", "show-batch", "check-submission", "download", "submit",
+                    "demo-data"}, used
+
+
+@pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
+def test_every_readme_command_parses_and_builds_its_config(argv, monkeypatch):
+    from planet_batch.cli import SCORE_FLAGS, ScoreConfig, build_parser, config_from_args, train_config
+
+    monkeypatch.chdir(README.parent)  # config paths in the README are relative to the checkout
+    args = build_parser().parse_args(argv)
+    if args.command in ("train", "lr-find", "lesson3"):
+        cfg = train_config(args)
+        for name in ("workers", "cpus_per_worker", "storage", "gpu", "data_shared"):
+            if getattr(args, name) is not None:
+                assert getattr(cfg, name) == getattr(args, name)
+    elif args.command == "score":
+        cfg = config_from_args(ScoreConfig, args, SCORE_FLAGS)
+        if args.threshold is not None:
+            assert cfg.threshold == args.threshold  # "0.2" and "tuned" alike, as text
+        if args.out is not None:
+            assert cfg.out == args.out
+
+
+def test_flag_values_reach_the_config_as_typed_values(tmp_path):
+    from planet_batch.cli import SCORE_FLAGS, ScoreConfig, build_parser, config_from_args
+
+    args = build_parser().parse_args(["score", "--model", "m", "--data", "d", "--threshold", "0.2", "--out", "2024",
+                                      "--batch-size", "8", "--cpus-per-actor", "0.5", "--tta"])
+    cfg = config_from_args(ScoreConfig, args, SCORE_FLAGS)
+    assert (cfg.threshold, cfg.out, cfg.batch_size, cfg.cpus_per_actor, cfg.tta) == ("0.2", "2024", 8, 0.5, True)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--model", "m", "--data", "d", "--batch-size", "eight"])
+
+
+def documented_score_forms() -> list[list[str]]:
+    """The README's score command lines, one per distinct set of flags."""
+    forms = {}
+    for argv in readme_commands():
+        if argv[0] == "score":
+            forms.setdefault(tuple(sorted({w for w in argv if w.startswith("--") or w == "tuned"})), argv)
+    return list(forms.values())
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("argv", documented_score_forms(), ids=" ".join)
+def test_every_documented_score_form_runs_on_demo_data(argv, ray_local, demo_root, tmp_path, capsys):
+    """Paths swapped for the demo data and a local output; `--gpus-per-actor` dropped (no GPU here)."""
+    from reference import tiny_export
+
+    from planet_batch.submission import check_submission
+
+    where = {"--model": str(tiny_export(tmp_path / "export")), "--data": str(demo_root),
+             "--images": str(demo_root / "test-jpg"), "--out": str(tmp_path / "out.csv"),
+             "--probs-out": str(tmp_path / "probs.parquet")}
+    args, skip = [], False
+    for i, word in enumerate(argv):
+        if skip or word == "--gpus-per-actor":
+            skip = not skip
+        else:
+            args.append(where.get(argv[i - 1], word) if i else word)
+    assert main(args) == 0, capsys.readouterr().err
+    sample = demo_root / "sample_submission_v2.csv" if "--data" in args else None
+    assert check_submission(tmp_path / "out.csv", sample) == []
