@@ -157,34 +157,41 @@ def default_actors(resources: dict, gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
-    import ray
+@dataclass(frozen=True)
+class Scores:
+    """Every expected image's probabilities, in submission order, and the unreadable ones with their reasons."""
 
-    t0 = time.perf_counter()
-    export = load_export(cfg.model)
-    order, folders = expected_images(cfg)
+    names: list[str]
+    probs: np.ndarray  # (images, tags)
+    bad: dict[str, str]
+
+
+def check_output(cfg: ScoreConfig) -> Location:
+    """Where the submission goes, refused before any work when it exists (without --overwrite) or cannot be written."""
     out = locate(cfg.out)
     if out.exists() and not cfg.overwrite:
         raise ScoreError(f"{out} exists; pass --overwrite to replace it")
     out.parent.check_writable_folder()
-    threshold = np.asarray(export.thresholds) if cfg.threshold == "tuned" else float(cfg.threshold)
-    state = export.load_state()
+    return out
 
-    ensure_ray()
-    quiet_data_progress()
+
+def scoring_pipeline(cfg: ScoreConfig, export: ExportedModel, state: dict, folders: list[Location], n_images: int):
+    """files -> read+decode tasks (on the data's node when only it has the files) -> predictor actors."""
+    import ray
+
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
     log.info("scoring %d images from %s with %s@%d on %d actor(s), %d torch threads each%s",
-             len(order), ", ".join(map(str, folders)), export.arch, export.size, actors, threads,
+             n_images, ", ".join(map(str, folders)), export.arch, export.size, actors, threads,
              ", TTA x8" if cfg.tta else "")
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
     # so raw bytes never pass through the object store and no extra worker process starts;
-    # the fused task inherits the read's placement (on the data's node when only it has the files).
+    # the fused task inherits the read's placement.
     ds = ray.data.read_binary_files([f.path for f in folders], filesystem=folders[0].fs, include_paths=True,
                                     file_extensions=["jpg"], label_selector=read_placement(folders[0], cfg.data_shared))
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": export.size, "keep_bad": True},
                         batch_size=None, batch_format="numpy")
-    ds = ds.map_batches(
+    return ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"export": export, "state_ref": [ray.put(state)], "threads": threads, "tta": cfg.tta},
         batch_size=cfg.batch_size,
@@ -194,13 +201,16 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         num_gpus=cfg.gpus_per_actor,
         # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
         # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor
-        # stops delivering, and the stall timeout below fails the job.
+        # stops delivering, and the stall timeout fails the job.
     )
 
+
+def collect_scores(ds, order: list[str], stall_timeout_s: float) -> Scores:
+    """Each image's row from the stream, checked: every expected image exactly once."""
     probs: dict[str, np.ndarray] = {}
     bad: dict[str, str] = {}
     progress = ProgressLine("images scored", len(order))
-    for batch in batches_or_stall(ds, cfg.stall_timeout_s, lambda: str(progress)):
+    for batch in batches_or_stall(ds, stall_timeout_s, lambda: str(progress)):
         progress.update(len(batch["name"]))
         for name, p, ok, err in zip(batch["name"], batch["probs"], batch["ok"], batch["error"]):
             if name in probs:
@@ -211,30 +221,49 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     missing = [n for n in order if n not in probs]
     if missing or len(probs) != len(order):
         raise ScoreError(f"scored {len(probs)} images for {len(order)} expected; missing e.g. {missing[:3]}")
-    matrix = np.stack([probs[n] for n in order])
+    return Scores(order, np.stack([probs[n] for n in order]), bad)
 
-    bad_path = out.with_name("bad_images.csv")
-    if bad:
+
+def write_outputs(
+    scores: Scores, out: Location, threshold, cfg: ScoreConfig, tags
+) -> tuple[Location | None, Location | None]:
+    """bad_images.csv (if any), then the submission and --probs-out; --strict stops before the submission."""
+    bad_path = out.with_name("bad_images.csv") if scores.bad else None
+    if bad_path:
         bad_path.write_atomic(lambda p: p.write_text(
-            "image_name,error\n" + "".join(f"{n},{json.dumps(e)}\n" for n, e in sorted(bad.items()))))
-        log.warning("%d unreadable images (empty tag sets), listed in %s", len(bad), bad_path)
-    if bad and cfg.strict:
-        raise ScoreError(f"{len(bad)} unreadable images (--strict), listed in {bad_path}; no submission written")
+            "image_name,error\n" + "".join(f"{n},{json.dumps(e)}\n" for n, e in sorted(scores.bad.items()))))
+        log.warning("%d unreadable images (empty tag sets), listed in %s", len(scores.bad), bad_path)
+        if cfg.strict:
+            raise ScoreError(f"{len(scores.bad)} unreadable images (--strict), listed in {bad_path}; "
+                             "no submission written")
+    decisions = decode(scores.probs, threshold)
+    write_submission(out, scores.names, ["" if n in scores.bad else d for n, d in zip(scores.names, decisions)])
+    probs_path = locate(cfg.probs_out) if cfg.probs_out else None
+    if probs_path:
+        write_probs(probs_path, scores.names, scores.probs, tags)
+    return bad_path, probs_path
 
-    tags = decode(matrix, threshold)
-    for i, n in enumerate(order):
-        if n in bad:
-            tags[i] = ""
-    write_submission(out, order, tags)
-    probs_path = None
-    if cfg.probs_out:
-        probs_path = locate(cfg.probs_out)
-        write_probs(probs_path, order, matrix, export.tags)
+
+def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
+    """Score the images of `cfg` into a submission: every check first, then Ray, then the outputs."""
+    t0 = time.perf_counter()
+    export = load_export(cfg.model)
+    order, folders = expected_images(cfg)
+    out = check_output(cfg)
+    threshold = np.asarray(export.thresholds) if cfg.threshold == "tuned" else float(cfg.threshold)
+    state = export.load_state()
+
+    ensure_ray()
+    quiet_data_progress()
+    ds = scoring_pipeline(cfg, export, state, folders, len(order))
+    scores = collect_scores(ds, order, cfg.stall_timeout_s)
+    bad_path, probs_path = write_outputs(scores, out, threshold, cfg, export.tags)
+
     wall = time.perf_counter() - t0
     summary = ScoreSummary(
-        output=str(out), images=len(order), scored=len(order) - len(bad), unreadable=len(bad), wall_s=round(wall, 2),
-        images_per_s=round(len(order) / wall, 1), threshold=cfg.threshold, tta=cfg.tta,
-        bad_images=str(bad_path) if bad else None, probs=str(probs_path) if probs_path else None,
+        output=str(out), images=len(order), scored=len(order) - len(scores.bad), unreadable=len(scores.bad),
+        wall_s=round(wall, 2), images_per_s=round(len(order) / wall, 1), threshold=cfg.threshold, tta=cfg.tta,
+        bad_images=str(bad_path) if bad_path else None, probs=str(probs_path) if probs_path else None,
     )
     out.with_name("score_summary.json").write_atomic(lambda p: p.write_text(
         json.dumps({**asdict(summary), "config": to_dict(cfg)}, indent=2)))

@@ -16,7 +16,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -188,7 +188,9 @@ def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) ->
             torch.save(state, Path(d) / "state.pt")
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     if not local_dir:
+        t0 = time.perf_counter()
         ray.train.get_all_reported_checkpoints()
+        log.debug("epoch %d: Ray registered the report after %.2f s", metrics["epoch"], time.perf_counter() - t0)
 
 
 def train_stage_loop(config: dict) -> None:
@@ -361,6 +363,54 @@ def check_batches(cfg: TrainConfig, n_train: int) -> None:
         )
 
 
+@dataclass
+class RunLog:
+    """What the run folder shows across stages: metrics.csv rows and the loss curve of losses.png."""
+
+    rows: list[dict] = field(default_factory=list)
+    batch_losses: list[float] = field(default_factory=list)
+    epoch_ends: list[int] = field(default_factory=list)  # batch index at which each epoch ended
+
+    def add_stage(self, history: dict) -> None:
+        self.rows.extend(history["epochs"])
+        per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
+        self.epoch_ends.extend(len(self.batch_losses) + (k + 1) * per_epoch for k in range(len(history["epochs"])))
+        self.batch_losses.extend(history["batch_losses"])
+
+
+def check_start_files(cfg: TrainConfig) -> None:
+    for i, st in enumerate(cfg.stages):
+        if st.start_from and st.start_from.endswith(".pt") and not Path(st.start_from).is_file():
+            raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
+
+
+def save_stage(run_dir: Path, cfg: TrainConfig, stage: Stage, state: dict) -> Path:
+    """RUN_DIR/stages/NAME.pt: the stage's final weights, which a later config can `start_from`."""
+    path = run_dir / "stages" / f"{stage.name}.pt"
+    write_atomic(path, lambda p: torch.save(
+        {"model": state["model"], "arch": cfg.arch, "stage": stage.name, "size": stage.size,
+         "config": to_dict(cfg), "metrics": state["history"]["epochs"][-1],
+         "resumed_after": state["history"]["resumed_after"]}, p))
+    log.info("stage %s saved to %s", stage.name, path)
+    return path
+
+
+def export_run(run_dir: Path, cfg: TrainConfig, state: dict, last_row: dict) -> Path:
+    """RUN_DIR/export: the final weights with thresholds tuned for F2 on the last validation pass."""
+    probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
+    thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
+    final = {**last_row, "fbeta_tuned": fbeta(probs, targets, thresholds),
+             "best_constant_fbeta": best_constant_fbeta(targets), "n_valid": len(probs)}
+    export = save_export(
+        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
+        config=to_dict(cfg), metrics=final,
+    )
+    log.info("final: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
+             final["fbeta"], cfg.threshold, final["fbeta_tuned"], final["best_constant_fbeta"])
+    return export
+
+
 def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
     """Train every stage of `cfg` on the dataset at `data_root`; returns the export folder."""
     from planet_batch.plots import plot_losses
@@ -369,10 +419,8 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
     data = locate(data_root)
     train, valid = train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
     check_batches(cfg, len(train))
-    for i, st in enumerate(cfg.stages):
-        if st.start_from and st.start_from.endswith(".pt") and not Path(st.start_from).is_file():
-            raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
-    model_state = initial_state(cfg)
+    check_start_files(cfg)
+    weights = initial_state(cfg)
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
@@ -385,44 +433,17 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -
              cfg.arch, len(train), len(valid), cfg.workers, run_dir)
 
     finished: dict[str, dict] = {}  # stage name -> final weights
-    rows: list[dict] = []
-    batch_losses: list[float] = []
-    epoch_ends: list[int] = []
+    run_log = RunLog()
     state: dict = {}
     for i, stage in enumerate(cfg.stages):
         if i > 0 and stage.start_from is not None:
-            model_state = finished.get(stage.start_from) or load_stage_file(stage.start_from)
-        state = fit_stage(cfg, i, model_state, train, valid, storage, run_id, reads)
-        model_state = finished[stage.name] = state["model"]
-        history = state["history"]
-        rows.extend(history["epochs"])
-        per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
-        for k in range(len(history["epochs"])):
-            epoch_ends.append(len(batch_losses) + (k + 1) * per_epoch)
-        batch_losses.extend(history["batch_losses"])
-        path = run_dir / "stages" / f"{stage.name}.pt"
-        write_atomic(path, lambda p, s=state, st=stage: torch.save(
-            {"model": s["model"], "arch": cfg.arch, "stage": st.name, "size": st.size,
-             "config": to_dict(cfg), "metrics": s["history"]["epochs"][-1],
-             "resumed_after": s["history"]["resumed_after"]}, p))
-        write_metrics(run_dir, rows)
-        log.info("stage %s saved to %s", stage.name, path)
+            weights = finished.get(stage.start_from) or load_stage_file(stage.start_from)
+        state = fit_stage(cfg, i, weights, train, valid, storage, run_id, reads)
+        weights = finished[stage.name] = state["model"]
+        run_log.add_stage(state["history"])
+        save_stage(run_dir, cfg, stage, state)
+        write_metrics(run_dir, run_log.rows)
 
-    plot_losses(batch_losses, epoch_ends, [r["valid_loss"] for r in rows], run_dir / "losses.png")
-    probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
-    thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
-    final = dict(rows[-1])
-    final.update(
-        fbeta_tuned=fbeta(probs, targets, thresholds),
-        best_constant_fbeta=best_constant_fbeta(targets),
-        n_valid=len(probs),
-    )
-    last = cfg.stages[-1]
-    export = save_export(
-        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=last.size, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
-        config=to_dict(cfg), metrics=final,
-    )
-    log.info("final: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
-             final["fbeta"], cfg.threshold, final["fbeta_tuned"], final["best_constant_fbeta"])
-    return export
+    plot_losses(run_log.batch_losses, run_log.epoch_ends, [r["valid_loss"] for r in run_log.rows],
+                run_dir / "losses.png")
+    return export_run(run_dir, cfg, state, run_log.rows[-1])

@@ -123,3 +123,18 @@ def test_every_documented_score_form_runs_on_demo_data(argv, ray_local, demo_roo
     assert main(args) == 0, capsys.readouterr().err
     sample = demo_root / "sample_submission_v2.csv" if "--data" in args else None
     assert check_submission(tmp_path / "out.csv", sample) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check-submission", "{tmp}/sub.csv", "--sample", "{tmp}/missing.csv"], "missing.csv: cannot read"),
+    (["lesson3", "--config", "jobs/configs/demo.yaml", "--data", "{tmp}/nothing", "--out", "{tmp}/run"],
+     "is not a directory"),
+    (["score", "--model", "{tmp}", "--data", "{tmp}", "--threshold", "0.2x"], "neither a number nor 'tuned'"),
+])
+def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(README.parent)
+    (tmp_path / "sub.csv").write_text("image_name,tags\ntest_0,clear\n")
+    code = main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "run").exists()

@@ -25,3 +25,11 @@ def test_sweep_stops_on_divergence_and_restores_weights():
     assert 1e-7 <= result.suggestion <= 10
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_too_few_batches_is_a_user_error():
+    from planet_batch.errors import PlanetBatchError
+
+    model = build_model("resnet18", 17)
+    with pytest.raises(PlanetBatchError, match="ran only 1 batches"):
+        lr_sweep(model, iter([(torch.randn(4, 3, 32, 32), torch.zeros(4, 17))]), num_it=100)
