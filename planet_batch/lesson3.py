@@ -36,7 +36,7 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
     export = run_training(train_cfg, data_root, run_dir)
     summary = run_scoring(ScoreConfig(model=str(export), data=str(data_root), out=str(run_dir / "submission.csv"),
-                                      threshold=threshold, tta=tta, overwrite=True,
+                                      threshold=threshold, tta=tta, overwrite=True, data_shared=train_cfg.data_shared,
                                       probs_out=str(run_dir / "probs.parquet")))
     problems = check_submission(summary.output, layout.sample_submission)
     if problems:
