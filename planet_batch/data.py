@@ -56,11 +56,6 @@ def augmented_sample(split: Split, n: int, size: int, seed: int = 0) -> tuple[np
     return batch["image"], [split.names[i] for i in idx], batch["target"]
 
 
-def read_file(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as f:
-        return f.read()
-
-
 def load_labelled_batch(batch: dict, size: int, augment: bool, fs: pafs.FileSystem,
                         rng: np.random.Generator | None = None) -> dict:
     """{path, target} -> {image uint8 NHWC, target}; reading, decoding and augmentation run in Ray Data's tasks.
@@ -68,7 +63,7 @@ def load_labelled_batch(batch: dict, size: int, augment: bool, fs: pafs.FileSyst
     Without `rng` every call draws fresh augmentations, as each training epoch should.
     """
     paths = list(batch["path"])
-    images = decode_batch({"bytes": [read_file(fs, p) for p in paths], "path": paths}, size)["image"]
+    images = decode_batch({"bytes": [Location(fs, p).read_bytes() for p in paths], "path": paths}, size)["image"]
     if augment:
         images = augment_batch(images, rng if rng is not None else np.random.default_rng())
     return {"image": images, "target": np.asarray(batch["target"], dtype=np.float32)}

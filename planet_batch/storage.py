@@ -98,9 +98,6 @@ class Location:
 
         return self._call("read", read)
 
-    def read_text(self, encoding: str = "utf-8") -> str:
-        return self.read_bytes().decode(encoding)
-
     def files(self, suffix: str) -> list[Location]:
         """The files directly in this folder whose names end with `suffix`, sorted."""
         infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))
@@ -122,6 +119,13 @@ class Location:
             self._call("write", pafs.copy_files, str(tmp), self.path, pafs.LocalFileSystem(), self.fs)
         return self
 
+    def missing_bucket(self) -> str | None:
+        """The bucket of an object-store location when that bucket does not exist (else None)."""
+        bucket = self.path.split("/", 1)[0]
+        if self.local or Location(self.fs, bucket, self.scheme).exists():
+            return None
+        return bucket
+
     def check_writable_folder(self) -> None:
         """Fail before any work when outputs cannot be written into this folder."""
         if self.local:
@@ -129,8 +133,8 @@ class Location:
             if not folder.is_dir() or not os.access(folder, os.W_OK):
                 raise StorageError(f"cannot write to {folder}")
             return
-        bucket = self.path.split("/", 1)[0]
-        if not Location(self.fs, bucket, self.scheme).exists():
+        bucket = self.missing_bucket()
+        if bucket:
             raise StorageError(f"{self}: bucket {bucket!r} does not exist")
 
 
@@ -161,13 +165,12 @@ def existing_dir(where: str | os.PathLike | Location, what: str = "data root") -
     try:
         if loc.is_dir():
             return loc
-        bucket = loc.path.split("/", 1)[0]
-        missing_bucket = not loc.local and bucket != loc.path and not Location(loc.fs, bucket, loc.scheme).exists()
+        bucket = loc.missing_bucket()
     except StorageError as e:
         raise StorageError(f"{what} {e}") from None
     if loc.local:
         raise StorageError(f"{what} {loc} is not a directory")
-    if missing_bucket:
+    if bucket:
         raise StorageError(f"{what} {loc}: bucket {bucket!r} does not exist")
     raise StorageError(f"{what} {loc}: nothing under this prefix")
 
