@@ -23,7 +23,7 @@ TRAIN_FLAGS = {
     "data_shared": "the local --data path is mounted on every node (NFS): read it everywhere",
 }
 SCORE_FLAGS = {
-    "model": "export folder, e.g. RUN_DIR/export (a path or a URI)",
+    "model": "export folder, e.g. RUN_DIR/export (a path or a URI); repeat it to score an ensemble",
     "data": "Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order "
             "(a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)",
     "images": "score any folder of .jpg files instead (a path or a URI)",
@@ -37,16 +37,22 @@ SCORE_FLAGS = {
     "gpus_per_actor": "GPUs per predictor actor",
     "probs_out": "also write every probability to this Parquet file (a path or a URI)",
     "strict": "fail instead of giving unreadable images empty tags",
-    "overwrite": "replace an existing output",
+    "overwrite": "replace an existing output and start over (drops the work folder's rows)",
+    "work_dir": "the run's Parquet shards, kept until it succeeds (default OUT.parts next to --out; a path or a URI "
+                "every node reaches); rerunning the same command resumes from them",
+    "keep_parts": "keep the work folder after success",
+    "shard_rows": "rows per shard file (default 1000): what an interruption can lose per write in flight",
     "stall_timeout_s": "fail after this many seconds without a scored batch (default 600; 0 waits forever)",
 }
 FLAG_NAMES = {"stall_timeout_s": "--stall-timeout"}
 
 
 def field_type(tp):
-    """The one plain type a config field holds (`str | None` -> str)."""
+    """The one plain type a config field holds (`str | None` -> str; `tuple[str, ...]` -> str, repeatable)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        tp = typing.get_args(tp)[0]
     if tp not in (bool, int, float, str):
         raise TypeError(f"no flag for a field of type {tp}")
     return tp
@@ -58,6 +64,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, str]
         tp, flag = field_type(hints[name]), FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
         if tp is bool:
             parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(hints[name]) is tuple:
+            parser.add_argument(flag, dest=name, type=tp, action="append", default=None, help=text)
         else:
             parser.add_argument(flag, dest=name, type=tp, default=None, help=text)
 

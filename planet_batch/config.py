@@ -149,6 +149,8 @@ def _coerce(tp, value, path: str):
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, str):
+            value = [value]  # `model: path` for a list of one
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
@@ -244,8 +246,13 @@ def save_config(cfg, path: Path | str) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class ScoreConfig:
-    model: str  # an export folder (RUN_DIR/export)
+    model: tuple[str, ...]  # export folders (RUN_DIR/export); several are scored as one ensemble
     out: str = "submission.csv"
+    work_dir: str | None = None  # the Parquet shards of a run, kept until it succeeds; default OUT.parts next to out
+    keep_parts: bool = False  # keep the work folder after success
+    # Rows per shard file (Ray Data's min_rows_per_file): what an interruption can lose per write task in
+    # flight, against files per run (61,191 images: 62 shards)
+    shard_rows: int = 1000
     data: str | None = None  # a Kaggle data root: test-jpg + test-jpg-additional, sample submission order
     images: str | None = None  # or any folder of .jpg files
     threshold: str = "0.2"  # a number, or "tuned" for the export's per-class thresholds
@@ -267,6 +274,10 @@ class ScoreConfig:
     stall_timeout_s: float = 600.0
 
     def __post_init__(self):
+        if isinstance(self.model, str):
+            object.__setattr__(self, "model", (self.model,))
+        if not self.model:
+            raise ConfigError("model: give at least one --model (an export folder)")
         if (self.data is None) == (self.images is None):
             raise ConfigError("data / images: give exactly one of --data (Kaggle layout) or --images (a folder)")
         if self.threshold != "tuned":
@@ -276,6 +287,7 @@ class ScoreConfig:
                 raise ConfigError(f"threshold: {self.threshold!r} is neither a number nor 'tuned'") from None
             _check_range("threshold", value, 0.0, 1.0, open_ends=True)
         _check_range("batch_size", self.batch_size, 1, 65536)
+        _check_range("shard_rows", self.shard_rows, 1, 10_000_000)
         _check_range("actors", self.actors, 0, 4096)
         _check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024, open_ends=True)
         _check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64)

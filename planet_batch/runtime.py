@@ -109,10 +109,10 @@ def quiet_data_progress() -> None:
 class ProgressLine:
     """One log line every `every_s` seconds: items done of the total, rate, and time left."""
 
-    def __init__(self, what: str, total: int, every_s: float = 10.0):
+    def __init__(self, what: str, total: int, every_s: float = 10.0, done: int = 0):
         self.what, self.total, self.every_s = what, total, every_s
-        self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
+        self.done = self.start = done  # `done` already at the start (a resumed run): not in the rate
+        self.t0 = self.last = time.perf_counter()
 
     def __str__(self) -> str:
         return f"{self.done:,} of {self.total:,} {self.what}"
@@ -122,7 +122,7 @@ class ProgressLine:
         now = time.perf_counter()
         if now - self.last >= self.every_s and self.done < self.total:
             self.last = now
-            rate = self.done / (now - self.t0)
+            rate = (self.done - self.start) / (now - self.t0)
             left = int((self.total - self.done) / rate) if rate else 0
             log.info("%s, %.1f/s, %d:%02d left", self, rate, left // 60, left % 60)
 

@@ -1,30 +1,37 @@
-"""Batch scoring with Ray Data: files -> read+decode tasks -> predictor actors -> submission.csv.
+"""Batch scoring with Ray Data: image files -> read+decode tasks -> predictor actors -> Parquet shards -> outputs.
 
-Images stream through the cluster; the driver only gathers each image's name and 17
-probabilities (about 70 bytes a row), puts the rows into the sample submission's order,
-and writes every output through a temp file and a rename.
+Images stream through the cluster and their rows (name, probabilities, ok, error) go from the actors
+straight into Parquet shards in a work folder (`shards.WorkFolder`), so an interrupted run resumes:
+the same command again scores only the images without a row. The driver then assembles the shards
+into the submission's order with memory that does not grow with the number of images (`assemble`),
+and writes every output through a temp file and a rename (or one PUT).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
+from planet_batch.assemble import Assembled, AssemblyError, assemble
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, load_export
-from planet_batch.labels import TAGS, decode
+from planet_batch.labels import decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
 from planet_batch.model import inference
 from planet_batch.runtime import ProgressLine, ensure_ray, maybe_inject_fault, quiet_data_progress, setup_logging
+from planet_batch.shards import ID_COLUMN, WorkFolder
 from planet_batch.storage import Location, StorageError, existing_dir, locate, read_placement
 from planet_batch.submission import write_submission
 from planet_batch.transforms import decode_batch, dihedral, to_model_input
@@ -48,26 +55,70 @@ class ScoreSummary:
     tta: bool
     bad_images: str | None
     probs: str | None
+    resumed_images: int  # rows taken from an earlier, interrupted run
+    scored_images: int  # rows computed by this run
+
+
+@dataclass(frozen=True)
+class Ensemble:
+    """The exports that score together: each image decoded once at their common size, probabilities averaged."""
+
+    members: tuple[ExportedModel, ...]
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return self.members[0].tags
+
+    @property
+    def size(self) -> int:
+        return self.members[0].size
+
+    @property
+    def thresholds(self) -> np.ndarray:
+        """Each member's tuned per-class thresholds, averaged."""
+        return np.mean([m.thresholds for m in self.members], axis=0)
+
+    def __str__(self) -> str:
+        names = {f"{m.arch}@{m.size}" for m in self.members}
+        return ", ".join(sorted(names)) + (f" x{len(self.members)}" if len(self.members) > 1 else "")
+
+
+def load_ensemble(paths: Sequence[str]) -> Ensemble:
+    """One export or several that agree on tags and input size (one line naming the odd one out)."""
+    members = tuple(load_export(p) for p in paths)
+    for path, m in zip(paths[1:], members[1:]):
+        if m.tags != members[0].tags:
+            raise ScoreError(f"--model {path} predicts other tags than --model {paths[0]}: an ensemble averages "
+                             "the same tags")
+        if m.size != members[0].size:
+            raise ScoreError(f"--model {path} takes {m.size}px images, --model {paths[0]} {members[0].size}px: an "
+                             "ensemble decodes each image once, at one size")
+    return Ensemble(members)
+
+
+def fingerprint(export: ExportedModel) -> str:
+    return hashlib.sha256(export.weights.read_bytes()).hexdigest()[:16]
 
 
 class Predictor:
-    """A Ray Data actor: the model is built once per actor, then scores batch after batch.
+    """A Ray Data actor: the models are built once per actor, then score batch after batch.
 
-    The weights come as an object-store reference inside a list, which Ray does not resolve into the
+    The weights come as object-store references inside a list, which Ray does not resolve into the
     constructor call: the constructor's own arguments stay small, so Ray can restart a lost actor from
     them (it warns about, and cannot always restart, actors whose arguments live in the object store),
     and the actor fetches the weights itself, from whichever node holds them.
     """
 
-    def __init__(self, export: ExportedModel, state_ref: list, threads: int, tta: bool):
+    def __init__(self, ensemble: Ensemble, state_refs: list, threads: int, tta: bool):
         import ray
         import torch
 
         setup_logging()
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = export.build_from_state(ray.get(state_ref[0]), self.device)
-        self.export, self.views, self.batches = export, range(8) if tta else range(1), 0
+        self.models = [(m, m.build_from_state(ray.get(ref), self.device))
+                       for m, ref in zip(ensemble.members, state_refs)]
+        self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -75,21 +126,32 @@ class Predictor:
         maybe_inject_fault(f"score:batch:{self.batches}")
         self.batches += 1
         ok = batch["ok"]
-        probs = np.zeros((len(ok), len(self.export.tags)), dtype=np.float32)
+        probs = np.zeros((len(ok), len(self.tags)), dtype=np.float32)
         if ok.any():
             images = batch["image"][ok]
             with inference(self.device):
                 total = 0
                 for k in self.views:  # TTA: the same 8 dihedral views that training augments with
-                    x = to_model_input(np.ascontiguousarray(dihedral(images, k)), self.device, self.export.mean,
-                                       self.export.std)
-                    total = total + torch.sigmoid(self.model(x).float())
-            probs[ok] = (total / len(self.views)).cpu().numpy()
-        return {"name": batch["name"], "probs": probs, "ok": ok, "error": batch["error"]}
+                    view = np.ascontiguousarray(dihedral(images, k))
+                    for export, model in self.models:  # each member normalises the one decoded view its own way
+                        x = to_model_input(view, self.device, export.mean, export.std)
+                        total = total + torch.sigmoid(model(x).float())
+            probs[ok] = (total / (len(self.views) * len(self.models))).cpu().numpy()
+        return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
+                "error": batch["error"]}
 
 
-def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Location]]:
-    """The image names in submission order and the folders to read, checked before Ray starts."""
+@dataclass(frozen=True)
+class Inputs:
+    """What a run must score: image names in submission order, and every image file."""
+
+    order: list[str]
+    files: list[Location]
+    folders: list[Location]
+
+
+def expected_images(cfg: ScoreConfig) -> Inputs:
+    """The images to score, checked before Ray starts."""
     if cfg.data is not None:
         layout = find_layout(cfg.data, need=("test",))
         order, paths = test_images(layout)
@@ -101,48 +163,15 @@ def expected_images(cfg: ScoreConfig) -> tuple[list[str], list[Location]]:
         if extra:
             raise LayoutError(f"{len(extra)} test images are not in the sample submission "
                               f"{layout.sample_submission}, first: {sorted(extra)[:3]}")
-        return order, list(layout.test_dirs)
+        return Inputs(order, [paths[n] for n in order], list(layout.test_dirs))
     try:
         folder = existing_dir(cfg.images, "--images")
     except StorageError as e:
         raise LayoutError(str(e)) from None
-    names = [p.stem for p in folder.files(".jpg")]
-    if not names:
+    files = folder.files(".jpg")
+    if not files:
         raise LayoutError(f"no .jpg images in {folder}")
-    return submission_order(names), [folder]
-
-
-def batches_or_stall(ds, timeout_s: float, progress: Callable[[], str]) -> Iterator[dict]:
-    """The dataset's batches; a ScoreError once none has arrived for `timeout_s` (0: no limit).
-
-    Ray Data does not fail when its work cannot be placed: after a node is lost, the restarted
-    actors can hold every CPU the read tasks need and the job would wait forever. The alarm
-    raises in the main thread, inside Ray Data's iterator, which then shuts its execution down
-    as it does for Ctrl-C. Off the main thread (no signals there) there is no limit.
-    """
-    batches = ds.iter_batches(batch_size=None, batch_format="numpy")
-    if not timeout_s or threading.current_thread() is not threading.main_thread():
-        yield from batches
-        return
-
-    def stalled(signum, frame):
-        raise ScoreError(f"no scored batch in {timeout_s:g} s ({progress()}): the cluster cannot place the work; "
-                         "a lost node, or too few CPUs for the actors plus the read tasks (see Ray Data's progress "
-                         "above); no output written")
-
-    t0, (outer_left, _) = time.monotonic(), signal.getitimer(signal.ITIMER_REAL)  # e.g. pytest-timeout's
-    previous = signal.signal(signal.SIGALRM, stalled)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-        for batch in batches:
-            signal.setitimer(signal.ITIMER_REAL, 0)  # the consumer's own time is not a stall
-            yield batch
-            signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-        if outer_left:
-            signal.setitimer(signal.ITIMER_REAL, max(outer_left - (time.monotonic() - t0), 0.001))
+    return Inputs(submission_order([p.stem for p in files]), files, [folder])
 
 
 def default_actors(resources: dict, gpus_per_actor: float) -> int:
@@ -157,15 +186,6 @@ def default_actors(resources: dict, gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-@dataclass(frozen=True)
-class Scores:
-    """Every expected image's probabilities, in submission order, and the unreadable ones with their reasons."""
-
-    names: list[str]
-    probs: np.ndarray  # (images, tags)
-    bad: dict[str, str]
-
-
 def check_output(cfg: ScoreConfig) -> Location:
     """Where the submission goes, refused before any work when it exists (without --overwrite) or cannot be written."""
     out = locate(cfg.out)
@@ -175,25 +195,41 @@ def check_output(cfg: ScoreConfig) -> Location:
     return out
 
 
-def scoring_pipeline(cfg: ScoreConfig, export: ExportedModel, state: dict, folders: list[Location], n_images: int):
+def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, inputs: Inputs) -> WorkFolder:
+    """The shards' folder (--work-dir, default next to the submission), refusing rows of another setup.
+
+    Thresholds are applied at assembly, so they may change between runs; the weights, size, TTA and
+    inputs may not.
+    """
+    run = {"models": sorted(fingerprint(m) for m in ensemble.members), "size": ensemble.size, "tta": cfg.tta,
+           "tags": list(ensemble.tags), "inputs": sorted(str(f) for f in inputs.folders)}
+    try:
+        return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)
+    except StorageError as e:  # (a WorkFolderError says which folder itself)
+        raise ScoreError(f"work folder: {e}") from None
+
+
+def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], sources: list[Location],
+                     placement: dict | None, n_images: int):
     """files -> read+decode tasks (on the data's node when only it has the files) -> predictor actors."""
     import ray
 
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
-    log.info("scoring %d images from %s with %s@%d on %d actor(s), %d torch threads each%s",
-             n_images, ", ".join(map(str, folders)), export.arch, export.size, actors, threads,
-             ", TTA x8" if cfg.tta else "")
+    log.info("scoring %d images from %s with %s on %d actor(s), %d torch threads each%s",
+             n_images, ", ".join(sorted({str(f if f.is_dir() else f.parent) for f in sources[:1000]})), ensemble,
+             actors, threads, ", TTA x8" if cfg.tta else "")
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
     # so raw bytes never pass through the object store and no extra worker process starts;
     # the fused task inherits the read's placement.
-    ds = ray.data.read_binary_files([f.path for f in folders], filesystem=folders[0].fs, include_paths=True,
-                                    file_extensions=["jpg"], label_selector=read_placement(folders[0], cfg.data_shared))
-    ds = ds.map_batches(decode_batch, fn_kwargs={"size": export.size, "keep_bad": True},
+    ds = ray.data.read_binary_files([f.path for f in sources], filesystem=sources[0].fs, include_paths=True,
+                                    file_extensions=["jpg"], label_selector=placement)
+    ds = ds.map_batches(decode_batch, fn_kwargs={"size": ensemble.size, "keep_bad": True},
                         batch_size=None, batch_format="numpy")
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"export": export, "state_ref": [ray.put(state)], "threads": threads, "tta": cfg.tta},
+        fn_constructor_kwargs={"ensemble": ensemble, "state_refs": [ray.put(s) for s in states], "threads": threads,
+                               "tta": cfg.tta},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -205,76 +241,167 @@ def scoring_pipeline(cfg: ScoreConfig, export: ExportedModel, state: dict, folde
     )
 
 
-def collect_scores(ds, order: list[str], stall_timeout_s: float) -> Scores:
-    """Each image's row from the stream, checked: every expected image exactly once."""
-    probs: dict[str, np.ndarray] = {}
-    bad: dict[str, str] = {}
-    progress = ProgressLine("images scored", len(order))
-    for batch in batches_or_stall(ds, stall_timeout_s, lambda: str(progress)):
-        progress.update(len(batch["name"]))
-        for name, p, ok, err in zip(batch["name"], batch["probs"], batch["ok"], batch["error"]):
-            if name in probs:
-                raise ScoreError(f"{name} was scored twice: the input holds two files of that name")
-            probs[name] = p
-            if not ok:
-                bad[name] = err
-    missing = [n for n in order if n not in probs]
-    if missing or len(probs) != len(order):
-        raise ScoreError(f"scored {len(probs)} images for {len(order)} expected; missing e.g. {missing[:3]}")
-    return Scores(order, np.stack([probs[n] for n in order]), bad)
+class ShardProgress:
+    """While the shards are written: a progress line from the committed shards (what a rerun keeps),
+    and the stall limit.
+
+    Ray Data does not fail when its work cannot be placed: after a node is lost, the restarted actors
+    can hold every CPU the read tasks need and the job would wait forever. With no new shard for
+    `stall_timeout_s`, this interrupts the main thread inside Ray Data's write, which shuts its execution
+    down as it does for Ctrl-C, and `stalled` says why. Off the main thread there is no limit.
+    """
+
+    POLL_S = 2.0
+
+    def __init__(self, work: WorkFolder, total: int, resumed: int, stall_timeout_s: float):
+        self.work, self.stall_timeout_s = work, stall_timeout_s
+        self.line = ProgressLine("images scored", total, done=resumed)
+        self.stalled: str | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="shard-progress", daemon=True)
+        self._limit = bool(stall_timeout_s) and threading.current_thread() is threading.main_thread()
+
+    def _watch(self) -> None:
+        last_change = time.monotonic()
+        while not self._stop.wait(self.POLL_S):
+            try:
+                done = self.work.committed_rows()
+            except StorageError as e:
+                log.debug("progress: %s", e)
+                continue
+            if done > self.line.done:
+                self.line.update(done - self.line.done)
+                last_change = time.monotonic()
+            elif self._limit and time.monotonic() - last_change > self.stall_timeout_s and not self._stop.is_set():
+                self.stalled = str(self.line)
+                # A real SIGINT to the main thread, as Ctrl-C: it also ends a blocking wait there
+                signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+                return
+
+    def __enter__(self) -> ShardProgress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
-def write_outputs(
-    scores: Scores, out: Location, threshold, cfg: ScoreConfig, tags
-) -> tuple[Location | None, Location | None]:
-    """bad_images.csv (if any), then the submission and --probs-out; --strict stops before the submission."""
-    bad_path = out.with_name("bad_images.csv") if scores.bad else None
+def write_shards(ds, work: WorkFolder, cfg: ScoreConfig, placement: dict | None, total: int, resumed: int) -> None:
+    """Run the pipeline into Parquet shards with Ray Data's two-phase-commit checkpointing (see shards.py).
+
+    A local work folder on a cluster whose nodes do not share it gets its writes pinned to the driver's
+    node, like the reads of local data.
+    """
+    ds.context.checkpoint_config = work.checkpoint_config()
+    ray_remote_args = {"label_selector": placement} if placement else {}
+    watch = ShardProgress(work, total, resumed, cfg.stall_timeout_s)
+    try:
+        with watch:
+            ds.write_parquet(work.shards.path, filesystem=work.shards.fs, min_rows_per_file=cfg.shard_rows,
+                             ray_remote_args=ray_remote_args)
+    except KeyboardInterrupt:
+        if watch.stalled:
+            raise ScoreError(
+                f"no new shard in {cfg.stall_timeout_s:g} s ({watch.stalled}): the cluster cannot place the work; a "
+                "lost node, or too few CPUs for the actors plus the read tasks; the shards so far are kept, rerun "
+                "the same command to resume") from None
+        raise
+
+
+def write_outputs(rows: Assembled, out: Location, threshold, cfg: ScoreConfig,
+                  tags: Sequence[str]) -> tuple[Location | None, Location | None]:
+    """bad_images.csv (if any), then the submission and --probs-out, each streamed from the assembled rows;
+    --strict stops before the submission."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    bad_path = out.with_name("bad_images.csv") if rows.unreadable else None
     if bad_path:
-        bad_path.write_atomic(lambda p: p.write_text(
-            "image_name,error\n" + "".join(f"{n},{json.dumps(e)}\n" for n, e in sorted(scores.bad.items()))))
-        log.warning("%d unreadable images (empty tag sets), listed in %s", len(scores.bad), bad_path)
+        def write_bad(p: Path):
+            with p.open("w") as f:
+                f.write("image_name,error\n")
+                for t in rows.tables():
+                    bad = t.filter(pc.invert(t["ok"]))
+                    f.writelines(f"{n},{json.dumps(e)}\n" for n, e in zip(bad["image_name"].to_pylist(),
+                                                                           bad["error"].to_pylist()))
+
+        bad_path.write_atomic(write_bad)
+        log.warning("%d unreadable images (empty tag sets), listed in %s", rows.unreadable, bad_path)
         if cfg.strict:
-            raise ScoreError(f"{len(scores.bad)} unreadable images (--strict), listed in {bad_path}; "
+            raise ScoreError(f"{rows.unreadable} unreadable images (--strict), listed in {bad_path}; "
                              "no submission written")
-    decisions = decode(scores.probs, threshold)
-    write_submission(out, scores.names, ["" if n in scores.bad else d for n, d in zip(scores.names, decisions)])
+
+    def submission_rows() -> Iterator[list[tuple[str, str]]]:
+        for t in rows.tables():
+            decisions = decode(np.column_stack([t[tag].to_numpy() for tag in tags]), threshold)
+            yield [(n, d if ok else "") for n, d, ok in zip(t["image_name"].to_pylist(), decisions,
+                                                            t["ok"].to_pylist())]
+
+    write_submission(out, submission_rows())
     probs_path = locate(cfg.probs_out) if cfg.probs_out else None
     if probs_path:
-        write_probs(probs_path, scores.names, scores.probs, tags)
+        schema = pa.schema([("image_name", pa.string()), *[(tag, pa.float32()) for tag in tags]])
+
+        def write_probs(p: Path):
+            with pq.ParquetWriter(p, schema) as w:
+                for t in rows.tables():
+                    w.write_table(t.select(schema.names).cast(schema))
+
+        probs_path.write_atomic(write_probs)
     return bad_path, probs_path
 
 
-def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
-    """Score the images of `cfg` into a submission: every check first, then Ray, then the outputs."""
-    t0 = time.perf_counter()
-    export = load_export(cfg.model)
-    order, folders = expected_images(cfg)
-    out = check_output(cfg)
-    threshold = np.asarray(export.thresholds) if cfg.threshold == "tuned" else float(cfg.threshold)
-    state = export.load_state()
+def chunks(items: Sequence, n: int = 65_536) -> Iterator[Sequence]:
+    return (items[i:i + n] for i in range(0, len(items), n))
 
-    ensure_ray()
-    quiet_data_progress()
-    ds = scoring_pipeline(cfg, export, state, folders, len(order))
-    scores = collect_scores(ds, order, cfg.stall_timeout_s)
-    bad_path, probs_path = write_outputs(scores, out, threshold, cfg, export.tags)
+
+def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
+    """Score the images of `cfg` into a submission: every check first, then Ray writes shards (only for
+    images without a row from an earlier run), then the outputs are assembled from the shards."""
+    t0 = time.perf_counter()
+    ensemble = load_ensemble(cfg.model)
+    inputs = expected_images(cfg)
+    out = check_output(cfg)
+    threshold = ensemble.thresholds if cfg.threshold == "tuned" else float(cfg.threshold)
+    work = open_work_folder(cfg, out, ensemble, inputs)
+    done = work.recover()
+    todo = [f for f in inputs.files if f.path not in done]
+    resumed = len(inputs.files) - len(todo)
+    if resumed:
+        log.info("resuming: %d of %d images already scored in %s; scoring the other %d",
+                 resumed, len(inputs.files), work.root, len(todo))
+    if todo:
+        states = [m.load_state() for m in ensemble.members]
+        ensure_ray()
+        quiet_data_progress()
+        placement = read_placement(inputs.folders[0], cfg.data_shared)
+        # A fresh run lists the folders in Ray's read tasks; a resumed one names the missing files.
+        sources = todo if resumed else inputs.folders
+        ds = scoring_pipeline(cfg, ensemble, states, sources, placement, len(todo))
+        write_shards(ds, work, cfg, read_placement(work.root, cfg.data_shared, "the work folder"),
+                     len(inputs.files), resumed)
+
+    tmp_root = work.root.path if work.root.local else None  # spill next to the shards, on their disk
+    with tempfile.TemporaryDirectory(prefix=".assemble-", dir=tmp_root) as tmp:
+        try:
+            rows = assemble(chunks(inputs.order), work.shard_files(), len(inputs.order), Path(tmp), ensemble.tags)
+        except AssemblyError as e:
+            raise ScoreError(f"{work.root}: {e}") from None
+        bad_path, probs_path = write_outputs(rows, out, threshold, cfg, ensemble.tags)
 
     wall = time.perf_counter() - t0
     summary = ScoreSummary(
-        output=str(out), images=len(order), scored=len(order) - len(scores.bad), unreadable=len(scores.bad),
-        wall_s=round(wall, 2), images_per_s=round(len(order) / wall, 1), threshold=cfg.threshold, tta=cfg.tta,
-        bad_images=str(bad_path) if bad_path else None, probs=str(probs_path) if probs_path else None,
+        output=str(out), images=len(inputs.order), scored=len(inputs.order) - rows.unreadable,
+        unreadable=rows.unreadable, wall_s=round(wall, 2), images_per_s=round(len(inputs.order) / wall, 1),
+        threshold=cfg.threshold, tta=cfg.tta, bad_images=str(bad_path) if bad_path else None,
+        probs=str(probs_path) if probs_path else None, resumed_images=resumed, scored_images=len(todo),
     )
     out.with_name("score_summary.json").write_atomic(lambda p: p.write_text(
         json.dumps({**asdict(summary), "config": to_dict(cfg)}, indent=2)))
-    log.info("scored %d images (%d unreadable) in %.1f s, %.1f images/s -> %s",
-             summary.images, summary.unreadable, wall, summary.images_per_s, out)
+    if not cfg.keep_parts:
+        work.remove()
+    log.info("scored %d images (%d unreadable, %d resumed) in %.1f s, %.1f images/s -> %s",
+             summary.images, summary.unreadable, resumed, wall, summary.images_per_s, out)
     return summary
-
-
-def write_probs(path: Location, names: list[str], probs: np.ndarray, tags=TAGS) -> Location:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table({"image_name": names, **{t: probs[:, j] for j, t in enumerate(tags)}})
-    return path.write_atomic(lambda p: pq.write_table(table, p))

@@ -175,8 +175,8 @@ def existing_dir(where: str | os.PathLike | Location, what: str = "data root") -
     raise StorageError(f"{what} {loc}: nothing under this prefix")
 
 
-def read_placement(data: Location, shared: bool) -> dict[str, str] | None:
-    """Where the tasks that open `data`'s files may run: Ray's label selector, or None for anywhere.
+def read_placement(data: Location, shared: bool, what: str = "data") -> dict[str, str] | None:
+    """Where the tasks that open (or write) `data`'s files may run: Ray's label selector, or None for anywhere.
 
     A URI is read on every node. A local path is known to exist only on the driver's node, so its
     reads are pinned there and decoded batches reach the other nodes through Ray's object store,
@@ -188,8 +188,8 @@ def read_placement(data: Location, shared: bool) -> dict[str, str] | None:
         return None
     node = ray.get_runtime_context().get_node_id()
     if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-        log.info("data is local to node %s: reading there; put it on s3:// (or pass --data-shared for a path "
-                 "every node mounts) to read from every node", node[:12])
+        log.info("%s is local to node %s: reading and writing it there; put it on s3:// (or pass --data-shared "
+                 "for a path every node mounts) to use it from every node", what, node[:12])
     return {NODE_ID_LABEL: node}
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable
 from pathlib import Path
 
 from planet_batch.labels import TAG_INDEX
@@ -15,16 +15,16 @@ from planet_batch.storage import Location, StorageError, locate
 HEADER = ["image_name", "tags"]
 
 
-def write_submission(path: Path | str | Location, names: Sequence[str], tags: Sequence[str]) -> Location:
-    """`image_name,tags` rows in the given order, appearing whole or not at all (a path or a URI)."""
-    if len(names) != len(tags):
-        raise ValueError(f"{len(names)} names but {len(tags)} tag strings")
+def write_submission(path: Path | str | Location, rows: Iterable[Iterable[tuple[str, str]]]) -> Location:
+    """`image_name,tags` rows, streamed chunk by chunk in the given order, appearing whole or not at all
+    (a path or a URI)."""
 
     def write(p: Path):
         with p.open("w", newline="") as f:
             w = csv.writer(f, lineterminator="\n")
             w.writerow(HEADER)
-            w.writerows(zip(names, tags))
+            for chunk in rows:
+                w.writerows(chunk)
 
     return locate(path).write_atomic(write)
 

@@ -57,10 +57,11 @@ def image_name(path: str) -> str:
 
 
 def decode_batch(batch: dict, size: int, keep_bad: bool = False) -> dict:
-    """Ray Data batch {bytes, path} -> {name, image (N,size,size,3) uint8, ok}.
+    """Ray Data batch {bytes, path} -> {path, name, image (N,size,size,3) uint8, ok}.
 
     With keep_bad, undecodable images become all-zero rows with ok=False and the reason
     in `error` instead of failing the batch: scoring must account for every input row.
+    The path passes through: it is the row's id for resumable scoring.
     """
     n = len(batch["path"])
     images = np.zeros((n, size, size, 3), dtype=np.uint8)
@@ -74,7 +75,8 @@ def decode_batch(batch: dict, size: int, keep_bad: bool = False) -> dict:
             if not keep_bad:
                 raise
             ok[i], errors[i] = False, e.reason
-    out = {"name": np.asarray(names, dtype=object), "image": images, "ok": ok}
+    out = {"path": np.asarray(batch["path"], dtype=object), "name": np.asarray(names, dtype=object), "image": images,
+           "ok": ok}
     if keep_bad:
         out["error"] = np.asarray(errors, dtype=object)
     return out

@@ -87,7 +87,7 @@ def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = Non
                            env, (tmp / "head.log").open("w")))
         url = f"http://127.0.0.1:{dash}"
         wait_for(lambda: http_status(f"{url}/api/version", token) == 200, 60, "the head's job API")
-        cluster = {"url": url, "token": token, "env": env, "tmp": tmp}
+        cluster = {"url": url, "token": token, "env": env, "tmp": tmp, "head": procs[0]}
         if worker_node:
             worker = [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
             wrap = (lambda args: hidden(hide, args)) if hide else None

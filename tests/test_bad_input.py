@@ -74,7 +74,7 @@ def test_broken_images_raise_decode_error_with_the_name(kind):
 
 def test_a_failed_write_leaves_the_previous_submission_untouched(tmp_path, monkeypatch):
     out = tmp_path / "submission.csv"
-    write_submission(out, ["test_0"], ["clear"])
+    write_submission(out, [[("test_0", "clear")]])
     before = out.read_bytes()
 
     import csv
@@ -90,6 +90,6 @@ def test_a_failed_write_leaves_the_previous_submission_untouched(tmp_path, monke
 
     monkeypatch.setattr(csv, "writer", DiskFull)
     with pytest.raises(OSError, match="No space left"):
-        write_submission(out, ["test_0"], ["haze"])
+        write_submission(out, [[("test_0", "haze")]])
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["submission.csv"]  # no temp file left behind

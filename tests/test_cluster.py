@@ -4,6 +4,7 @@ The helpers (nodes as child processes, a worker node with its own view of the di
 server) are in tests/clusters.py.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 
+import pyarrow.parquet as pq
 import pytest
 from clusters import (
     client,
@@ -71,6 +73,43 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
     else:  # a loud failure: our stall error or Ray's own, and nothing written
         assert reasons, logs[-3000:]
         assert "submission.csv" not in files and not any(".tmp" in f for f in files), files
+
+
+def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
+    """Stop the head of a 2-node cluster once a third of the rows are in shards (the job dies with it), start a
+    new cluster, submit the same command: it scores only the rest, and the submission is the plain loop's."""
+    import numpy as np
+    from reference import plain_probs
+
+    from planet_batch.demo_data import write_demo_data
+    from planet_batch.labels import decode
+
+    data = write_demo_data(tmp_path / "data", n_train=1, n_test=1000, n_additional=500, seed=2)
+    export = tiny_export(tmp_path / "export", size=64)
+    out = tmp_path / "out" / "submission.csv"
+    out.parent.mkdir()
+    work = out.parent / "submission.csv.parts"
+    command = f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --shard-rows 50"
+
+    def committed():
+        return sum(pq.ParquetFile(p).metadata.num_rows for p in (work / "commits").glob("*.parquet")
+                   if not p.name.endswith(".pending.parquet")) if work.exists() else 0
+
+    with two_node_cluster(tmp_path / "first") as c:
+        job = submit(client(c), command)
+        wait_for(lambda: committed() >= 500, 240, "a third of the rows")
+        stop(c["head"])
+    kept = committed()
+    assert not out.exists() and kept < 1500
+    with two_node_cluster(tmp_path / "second") as c:
+        logs = run_job(c, command)
+    assert f"{kept} of 1500 images already scored" in logs, logs[-3000:]
+    summary = json.loads((out.parent / "score_summary.json").read_text())
+    assert summary["resumed_images"] == kept and summary["scored_images"] == 1500 - kept, (summary, job)
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    names = [r[0] for r in rows]
+    paths = [data / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg" for n in names]
+    assert [r[1] for r in rows] == decode(np.asarray(plain_probs(export, paths, 64)), 0.2)
 
 
 def test_requests_without_the_token_are_refused(cluster):

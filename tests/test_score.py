@@ -14,9 +14,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from reference import plain_probs
+from reference import plain_probs, tiny_export
 
 from planet_batch.config import ScoreConfig
+from planet_batch.demo_data import write_demo_data
 from planet_batch.export import ExportError, load_export, save_export
 from planet_batch.labels import TAGS, decode
 from planet_batch.layout import LayoutError, read_sample_submission
@@ -28,6 +29,7 @@ from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.ray
 SIZE = 32
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -144,61 +146,155 @@ def test_bad_model_or_data_fail_before_ray_work(demo_root, export_dir, tmp_path)
         score(tmp_path, export_dir, data=str(tmp_path))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupted_scoring_leaves_no_partial_file_and_a_rerun_matches(demo_root, export_dir, tmp_path, sig):
-    """The driver stopped mid-run (Ctrl-C, or a scheduler's SIGTERM): nothing half-written; the rerun is complete."""
-    root = Path(__file__).resolve().parents[1]
-    folder = tmp_path / "many"
-    folder.mkdir()
-    sources = sorted((demo_root / "test-jpg").glob("*.jpg"))
-    for i in range(600):
-        shutil.copyfile(sources[i % len(sources)], folder / f"test_{i}.jpg")
+@pytest.fixture(scope="module")
+def many_root(tmp_path_factory):
+    """1,500 demo test chips in the Kaggle layout."""
+    return write_demo_data(tmp_path_factory.mktemp("many") / "data", n_train=1, n_test=1000, n_additional=500, seed=2)
+
+
+@pytest.fixture(scope="module")
+def export64(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("export64") / "export", size=64)
+
+
+def score_cmd(export, data, out, *extra):
+    return [sys.executable, "jobs/score.py", "--model", str(export), "--data", str(data), "--out", str(out),
+            "--batch-size", "16", "--shard-rows", "50", *extra]
+
+
+def run_cli(cmd, timeout=300):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def committed_rows(work: Path) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in (work / "commits").glob("*.parquet")
+               if not p.name.endswith(".pending.parquet"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(many_root, export64, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted") / "submission.csv"
+    done = run_cli(score_cmd(export64, many_root, out))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not (out.parent / "submission.csv.parts").exists()  # removed after success
+    return out.read_bytes()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, uninterrupted, tmp_path, sig):
+    """The driver killed (SIGKILL), stopped by a scheduler (SIGTERM) or Ctrl-C once a third of the rows are in
+    shards: no submission; the same command again scores only the rest and writes the same bytes."""
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
-    cmd = [sys.executable, "jobs/score.py", "--model", str(export_dir), "--images", str(folder), "--out", str(out),
-           "--batch-size", "8"]
+    work = out.parent / "submission.csv.parts"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    log = ""
-    for line in proc.stdout:  # interrupt once images are flowing through the pipeline
-        log += line
-        if "scoring 600 images" in line:
-            time.sleep(4)
-            proc.send_signal(sig)
-            break
-    log += proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, log[-2000:]
-    assert list(out.parent.iterdir()) == [], log[-2000:]
+    proc = subprocess.Popen(score_cmd(export64, many_root, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while committed_rows(work) < 500 if work.exists() else True:
+        assert proc.poll() is None and time.monotonic() < deadline, "scoring ended before the interruption"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and not out.exists(), stderr[-2000:]
+    time.sleep(3)  # the dead driver's Ray finishes or drops the writes it had started
+    kept = committed_rows(work)
 
-    done = subprocess.run([*cmd, "--overwrite"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    done = run_cli(score_cmd(export64, many_root, out))
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = read_rows(out)[1:]
-    names = [f"test_{i}" for i in range(600)]
-    assert [r[0] for r in rows] == names
-    # The rerun is the complete, deterministic answer: what the plain loop gives for the same images.
-    assert [r[1] for r in rows] == decode(plain_probs(export_dir, [folder / f"{n}.jpg" for n in names], SIZE), 0.2)
+    assert "resuming: " in done.stderr and f"{kept} of 1500 images already scored" in done.stderr
+    summary = json.loads((out.parent / "score_summary.json").read_text())
+    # Nothing committed is scored again or lost: the rerun computes exactly the rows that had no shard.
+    assert 500 <= summary["resumed_images"] == kept < 1500
+    assert summary["scored_images"] == 1500 - kept and summary["images"] == 1500
+    assert out.read_bytes() == uninterrupted
+    assert not work.exists()
 
 
-class _Stuck:
-    """A stand-in dataset: one batch, then nothing (as when a cluster cannot place the work) or an error."""
+def test_a_rerun_refuses_rows_of_another_model_and_overwrite_starts_over(demo_root, export_dir, export64, tmp_path):
+    out = tmp_path / "submission.csv"
+    first = run_cli(score_cmd(export_dir, demo_root, out, "--keep-parts"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    out.unlink()
+    other = run_cli(score_cmd(export64, demo_root, out))
+    assert other.returncode == 2 and not out.exists()
+    assert other.stderr.strip().splitlines()[-1] == (
+        f"planet-batch score: error: work folder {out}.parts: its rows were scored with another --model and "
+        "input size; rerun with the same ones to resume, or pass --overwrite to start over")
+    tta = run_cli(score_cmd(export_dir, demo_root, out, "--tta"))
+    assert tta.returncode == 2 and "scored with another --tta;" in tta.stderr
+    fresh = run_cli(score_cmd(export64, demo_root, out, "--overwrite"))
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    summary = json.loads((tmp_path / "score_summary.json").read_text())
+    assert summary["resumed_images"] == 0 and summary["scored_images"] == 40
 
-    def __init__(self, then):
-        self.then = then
 
-    def iter_batches(self, **kw):
-        yield {"name": np.array(["a"])}
-        if self.then == "hang":
-            time.sleep(60)
-        raise RuntimeError("a Ray task failed")
+def test_thresholds_change_without_rescoring_and_a_corrupt_shard_is_rescored(ray_local, demo_root, export_dir,
+                                                                              tmp_path, caplog):
+    out = tmp_path / "submission.csv"
+    score(tmp_path, export_dir, data=str(demo_root), keep_parts=True, shard_rows=10, probs_out=str(tmp_path / "p.pq"))
+    first = out.read_bytes()
+    probs = pq.read_table(tmp_path / "p.pq").to_pandas()[list(TAGS)].to_numpy()
+    out.unlink()
+    summary = score(tmp_path, export_dir, data=str(demo_root), keep_parts=True, shard_rows=10, threshold="tuned")
+    assert summary.resumed_images == 40 and summary.scored_images == 0
+    assert [r[1] for r in read_rows(out)[1:]] == decode(probs, np.asarray(load_export(export_dir).thresholds))
+
+    shard = sorted((tmp_path / "submission.csv.parts" / "shards").glob("*.parquet"))[1]
+    rows_in_shard = pq.ParquetFile(shard).metadata.num_rows
+    shard.write_bytes(shard.read_bytes()[:200])  # truncated
+    out.unlink()
+    summary = score(tmp_path, export_dir, data=str(demo_root), shard_rows=10)
+    assert summary.scored_images == rows_in_shard and summary.resumed_images == 40 - rows_in_shard
+    assert f"shard {shard} is unreadable" in caplog.text
+    assert out.read_bytes() == first
+    assert not (tmp_path / "submission.csv.parts").exists()
 
 
-def test_a_stalled_stream_fails_loudly_and_stream_errors_surface():
-    from planet_batch.score import batches_or_stall
+def test_an_ensemble_scores_the_mean_of_its_members(ray_local, demo_root, export_dir, tmp_path):
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    save_export(other, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=SIZE,
+                mean=(0.4, 0.4, 0.4), std=(0.2, 0.25, 0.3), threshold=0.2, thresholds=np.linspace(0.3, 0.1, len(TAGS)),
+                dropout=0.5, config={}, metrics={})
+    single = []
+    for i, model in enumerate([export_dir, other]):
+        run_scoring(ScoreConfig(model=str(model), data=str(demo_root), out=str(tmp_path / f"{i}.csv"),
+                                probs_out=str(tmp_path / f"{i}.pq")))
+        single.append(pq.read_table(tmp_path / f"{i}.pq").to_pandas()[list(TAGS)].to_numpy())
+    run_scoring(ScoreConfig(model=(str(export_dir), str(other)), data=str(demo_root), out=str(tmp_path / "e.csv"),
+                            probs_out=str(tmp_path / "e.pq"), threshold="tuned"))
+    both = pq.read_table(tmp_path / "e.pq").to_pandas()[list(TAGS)].to_numpy()
+    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+    tuned = (np.asarray(load_export(export_dir).thresholds) + np.linspace(0.3, 0.1, len(TAGS))) / 2
+    assert [r[1] for r in read_rows(tmp_path / "e.csv")[1:]] == decode(both, tuned)
 
+
+def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_root, export_dir, export64, tmp_path):
+    bad = run_cli([*score_cmd(export_dir, demo_root, tmp_path / "s.csv"), "--model", str(export64)])
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"planet-batch score: error: --model {export64} takes 64px images, --model {export_dir} {SIZE}px: "
+        "an ensemble decodes each image once, at one size")
+    (tmp_path / "file").write_text("x")
+    bad = run_cli(score_cmd(export_dir, demo_root, tmp_path / "s.csv", "--work-dir", str(tmp_path / "file" / "w")))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith("planet-batch score: error: work folder: cannot write to")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_stall_fails_loudly_and_keeps_the_shards(tmp_path):
+    from planet_batch.score import ShardProgress
+
+    class Frozen:  # a work folder whose shards stopped coming (a cluster that cannot place the work)
+        def committed_rows(self):
+            return 3
+
+    ShardProgress.POLL_S = 0.05
+    watch = ShardProgress(Frozen(), 9, 0, 0.3)
     t0 = time.perf_counter()
-    with pytest.raises(ScoreError, match=r"no scored batch in 0.3 s \(1 of 9 images scored\)"):
-        for _ in batches_or_stall(_Stuck("hang"), 0.3, lambda: "1 of 9 images scored"):
-            pass
-    assert time.perf_counter() - t0 < 5
-    with pytest.raises(RuntimeError, match="a Ray task failed"):
-        list(batches_or_stall(_Stuck("fail"), 30, str))
+    with pytest.raises(KeyboardInterrupt):
+        with watch:
+            time.sleep(30)
+    assert time.perf_counter() - t0 < 5 and watch.stalled == "3 of 9 images scored"

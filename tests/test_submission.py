@@ -12,7 +12,7 @@ def sample(tmp_path):
 
 
 def test_good_submission_passes(tmp_path, sample, capsys):
-    out = write_submission(tmp_path / "s.csv", ["test_0", "test_1", "file_0"], ["clear primary", "", "haze"])
+    out = write_submission(tmp_path / "s.csv", [[("test_0", "clear primary"), ("test_1", "")], [("file_0", "haze")]])
     assert check_submission(out, sample) == []
     assert main(["check-submission", str(out), "--sample", str(sample)]) == 0
     assert "OK" in capsys.readouterr().out
