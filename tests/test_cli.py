@@ -113,7 +113,7 @@ def test_every_documented_score_form_runs_on_demo_data(argv, ray_local, demo_roo
 
     where = {"--model": str(tiny_export(tmp_path / "export")), "--data": str(demo_root),
              "--images": str(demo_root / "test-jpg"), "--out": str(tmp_path / "out.csv"),
-             "--probs-out": str(tmp_path / "probs.parquet")}
+             "--probs-out": str(tmp_path / "probs.parquet"), "--work-dir": str(tmp_path / "parts")}
     args, skip = [], False
     for i, word in enumerate(argv):
         if skip or word == "--gpus-per-actor":
