@@ -210,15 +210,15 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, inputs
 
 
 def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], sources: list[Location],
-                     placement: dict | None, n_images: int):
-    """files -> read+decode tasks (on the data's node when only it has the files) -> predictor actors."""
+                     placement: dict | None, where: str):
+    """files (folders, or the files still to score) -> read+decode tasks (on the data's node when only it has
+    the files) -> predictor actors."""
     import ray
 
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
-    log.info("scoring %d images from %s with %s on %d actor(s), %d torch threads each%s",
-             n_images, ", ".join(sorted({str(f if f.is_dir() else f.parent) for f in sources[:1000]})), ensemble,
-             actors, threads, ", TTA x8" if cfg.tta else "")
+    log.info("scoring %s with %s on %d actor(s), %d torch threads each%s", where, ensemble, actors, threads,
+             ", TTA x8" if cfg.tta else "")
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
     # so raw bytes never pass through the object store and no extra worker process starts;
     # the fused task inherits the read's placement.
@@ -379,7 +379,8 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         placement = read_placement(inputs.folders[0], cfg.data_shared)
         # A fresh run lists the folders in Ray's read tasks; a resumed one names the missing files.
         sources = todo if resumed else inputs.folders
-        ds = scoring_pipeline(cfg, ensemble, states, sources, placement, len(todo))
+        where = f"{len(todo)} images from {', '.join(map(str, inputs.folders))}"
+        ds = scoring_pipeline(cfg, ensemble, states, sources, placement, where)
         write_shards(ds, work, cfg, read_placement(work.root, cfg.data_shared, "the work folder"),
                      len(inputs.files), resumed)
 

@@ -117,6 +117,13 @@ class WorkFolder:
         (what Ray's own recovery does). A committed shard that is missing or does not open as Parquet
         (truncated, overwritten) goes with its commit, with one warning line: rescored, never dropped.
         """
+        try:
+            return self._recover()
+        except OSError as e:  # (a StorageError is one) listing or deleting failed
+            raise WorkFolderError(f"work folder {self.root}: cannot clean up after the last run: "
+                                  f"{str(e).splitlines()[0]}") from None
+
+    def _recover(self) -> set[str]:
         shards = self.shards.files(".parquet")
         done: set[str] = set()
         for commit in self.commits.files(".parquet"):

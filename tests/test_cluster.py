@@ -95,6 +95,8 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
         return sum(pq.ParquetFile(p).metadata.num_rows for p in (work / "commits").glob("*.parquet")
                    if not p.name.endswith(".pending.parquet")) if work.exists() else 0
 
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
     with two_node_cluster(tmp_path / "first") as c:
         job = submit(client(c), command)
         wait_for(lambda: committed() >= 500, 240, "a third of the rows")
