@@ -42,7 +42,7 @@ SCORE_FLAGS = {
                 "every node reaches); rerunning the same command resumes from them",
     "keep_parts": "keep the work folder after success",
     "shard_rows": "rows per shard file (default 1000): what an interruption can lose per write in flight",
-    "stall_timeout_s": "fail after this many seconds without a scored batch (default 600; 0 waits forever)",
+    "stall_timeout_s": "fail after this many seconds without a new shard (default 600; 0 waits forever)",
 }
 FLAG_NAMES = {"stall_timeout_s": "--stall-timeout"}
 

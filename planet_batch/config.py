@@ -269,7 +269,7 @@ class ScoreConfig:
     data_shared: bool = False  # a local --data / --images path that every node mounts: read it everywhere
     strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
     overwrite: bool = False
-    # No scored batch for this long fails the job (0: wait forever). A cluster that lost a node can
+    # No new shard for this long fails the job (0: wait forever). A cluster that lost a node can
     # otherwise wait without end: its restarted actors may take the CPUs the read tasks need.
     stall_timeout_s: float = 600.0
 

@@ -53,7 +53,7 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
     with two_node_cluster(tmp_path) as c:
         jobs = client(c)
         job = submit(jobs, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
-                           "--stall-timeout 30")
+                           "--stall-timeout 30 --shard-rows 100")
         ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
         # Actors on the worker node are sometimes still starting when the work is done (2 shared cores):
         # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
