@@ -174,6 +174,16 @@ def expected_images(cfg: ScoreConfig) -> Inputs:
     return Inputs(submission_order([p.stem for p in files]), files, [folder])
 
 
+def predictor_memory(ensemble: Ensemble) -> int:
+    """Bytes of RAM a predictor actor asks Ray for, so actors go where they fit.
+
+    Measured: a resnet34@128 actor (batch 64) holds 710-740 MiB (Ray Data's memory detector, which warns
+    on the console every 30 s while an actor asks for nothing); 1 GiB, plus the weights of each further
+    ensemble member, twice (the object-store copy and the model's).
+    """
+    return (1 << 30) + sum(2 * m.weights.info().size for m in ensemble.members[1:])
+
+
 def default_actors(resources: dict, gpus_per_actor: float) -> int:
     """One actor per GPU; on CPUs one single-threaded actor per core.
 
@@ -235,6 +245,7 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
+        memory=predictor_memory(ensemble),
         # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
         # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor
         # stops delivering, and the stall timeout fails the job.
