@@ -1,7 +1,7 @@
 """The shards' rows in the submission's order, with memory that does not grow with the number of images.
 
-An external hash join and a range partition, spilled as Parquet to a local temp folder by pyarrow's
-dataset writer (which streams, keeping a bounded number of rows per open file):
+An external hash join and a range partition, spilled as Arrow IPC files to a local temp folder by
+pyarrow's dataset writer (which streams, keeping a bounded number of rows per open file):
 
 1. the expected names, streamed in submission order, get their rank and go to bucket hash(name) % B;
 2. the shards' rows go to the bucket of their name by the same hash;
@@ -67,7 +67,6 @@ class Assembled:
 
     folder: Path
     parts: int
-    images: int
     unreadable: int
 
     def tables(self) -> Iterator[pa.Table]:
@@ -81,7 +80,7 @@ class Assembled:
 def assemble(order: Iterable[Sequence[str]], shards: Sequence[Location], images: int, tmp: Path,
              tags: Sequence[str], part_rows: int = PART_ROWS) -> Assembled:
     """Join the expected names (`order`: chunks of names in submission order) with the shards' rows."""
-    buckets = max(1, math.ceil(images / part_rows))
+    buckets = parts = max(1, math.ceil(images / part_rows))  # as many hash buckets as rank ranges, as big
     key = pa.field("bucket", pa.int32())
     order_schema = pa.schema([("image_name", pa.string()), ("rank", pa.int64()), key])
     shard_schema = pa.schema([("image_name", pa.string()), *[(t, pa.float32()) for t in tags], ("ok", pa.bool_()),
@@ -112,7 +111,6 @@ def assemble(order: Iterable[Sequence[str]], shards: Sequence[Location], images:
 
     missing = twice = extra = unreadable = 0
     examples: dict[str, list[str]] = {"missing": [], "twice": [], "extra": []}
-    parts = max(1, math.ceil(images / part_rows))
     part = pa.field("part", pa.int32())
     for b in range(buckets):
         o, r = _read(tmp / "order" / str(b)), _read(tmp / "rows" / str(b))
@@ -142,4 +140,4 @@ def assemble(order: Iterable[Sequence[str]], shards: Sequence[Location], images:
         (extra, "rows are for images not expected", "extra")) if n]
     if problems:
         raise AssemblyError("the shards do not match the images: " + "; ".join(problems) + "; no output written")
-    return Assembled(tmp / "ranked", parts, images, unreadable)
+    return Assembled(tmp / "ranked", parts, unreadable)

@@ -41,10 +41,12 @@ class ExportedModel:
     metrics: dict
     weights: Location
 
-    def load_state(self) -> dict:
-        """The weights as tensors (`weights_only`: an export never unpickles objects), from a path or a URI."""
+    def load_state(self, data: bytes | None = None) -> dict:
+        """The weights as tensors (`weights_only`: an export never unpickles objects), from a path or a URI;
+        `data`: the weights file's bytes when the caller has read them already."""
         try:
-            return torch.load(io.BytesIO(self.weights.read_bytes()), map_location="cpu", weights_only=True)
+            data = self.weights.read_bytes() if data is None else data
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, ValueError) as e:
             raise ExportError(f"{self.weights}: not a weights file ({str(e).splitlines()[0]})") from None
 

@@ -96,8 +96,8 @@ def load_ensemble(paths: Sequence[str]) -> Ensemble:
     return Ensemble(members)
 
 
-def fingerprint(export: ExportedModel) -> str:
-    return hashlib.sha256(export.weights.read_bytes()).hexdigest()[:16]
+def fingerprint(weights: bytes) -> str:
+    return hashlib.sha256(weights).hexdigest()[:16]
 
 
 class Predictor:
@@ -174,14 +174,14 @@ def expected_images(cfg: ScoreConfig) -> Inputs:
     return Inputs(submission_order([p.stem for p in files]), files, [folder])
 
 
-def predictor_memory(ensemble: Ensemble) -> int:
+def predictor_memory(states: list[dict]) -> int:
     """Bytes of RAM a predictor actor asks Ray for, so actors go where they fit.
 
     Measured: a resnet34@128 actor (batch 64) holds 710-740 MiB (Ray Data's memory detector, which warns
     on the console every 30 s while an actor asks for nothing); 1 GiB, plus the weights of each further
     ensemble member, twice (the object-store copy and the model's).
     """
-    return (1 << 30) + sum(2 * m.weights.info().size for m in ensemble.members[1:])
+    return (1 << 30) + sum(2 * sum(t.nbytes for t in state.values()) for state in states[1:])
 
 
 def default_actors(resources: dict, gpus_per_actor: float) -> int:
@@ -205,13 +205,14 @@ def check_output(cfg: ScoreConfig) -> Location:
     return out
 
 
-def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, inputs: Inputs) -> WorkFolder:
+def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weights: list[bytes],
+                     inputs: Inputs) -> WorkFolder:
     """The shards' folder (--work-dir, default next to the submission), refusing rows of another setup.
 
     Thresholds are applied at assembly, so they may change between runs; the weights, size, TTA and
     inputs may not.
     """
-    run = {"models": sorted(fingerprint(m) for m in ensemble.members), "size": ensemble.size, "tta": cfg.tta,
+    run = {"models": sorted(fingerprint(w) for w in weights), "size": ensemble.size, "tta": cfg.tta,
            "tags": list(ensemble.tags), "inputs": sorted(str(f) for f in inputs.folders)}
     try:
         return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)
@@ -245,7 +246,7 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
         num_gpus=cfg.gpus_per_actor,
-        memory=predictor_memory(ensemble),
+        memory=predictor_memory(states),
         # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
         # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor
         # stops delivering, and the stall timeout fails the job.
@@ -376,7 +377,8 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     inputs = expected_images(cfg)
     out = check_output(cfg)
     threshold = ensemble.thresholds if cfg.threshold == "tuned" else float(cfg.threshold)
-    work = open_work_folder(cfg, out, ensemble, inputs)
+    weights = [m.weights.read_bytes() for m in ensemble.members]  # read once: fingerprint and state
+    work = open_work_folder(cfg, out, ensemble, weights, inputs)
     done = work.recover()
     todo = [f for f in inputs.files if f.path not in done]
     resumed = len(inputs.files) - len(todo)
@@ -384,7 +386,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         log.info("resuming: %d of %d images already scored in %s; scoring the other %d",
                  resumed, len(inputs.files), work.root, len(todo))
     if todo:
-        states = [m.load_state() for m in ensemble.members]
+        states = [m.load_state(w) for m, w in zip(ensemble.members, weights)]
         ensure_ray()
         quiet_data_progress()
         placement = read_placement(inputs.folders[0], cfg.data_shared)

@@ -40,10 +40,15 @@ class WorkFolderError(PlanetBatchError, RuntimeError):
     pass
 
 
-def _data_files_of(commit: Location, shards: list[Location], suffix: str = ".parquet") -> list[Location]:
-    """The shards a commit file stands for: Ray names both after the write task (`X.parquet` -> `X-0.parquet`)."""
-    base = commit.name[: -len(suffix)]
-    return [s for s in shards if s.name.startswith(base + "-") or s.name == base + ".parquet"]
+def _by_write_task(shards: list[Location]) -> dict[str, list[Location]]:
+    """The shards by the write task that wrote them: Ray names a commit `X.parquet` and its shards
+    `X-0.parquet`, `X-1.parquet`, ... (or `X.parquet`), so one lookup per commit finds them."""
+    tasks: dict[str, list[Location]] = {}
+    for s in shards:
+        stem = s.name.removesuffix(".parquet")
+        base, sep, index = stem.rpartition("-")
+        tasks.setdefault(base if sep and index.isdigit() else stem, []).append(s)
+    return tasks
 
 
 @dataclass
@@ -124,15 +129,15 @@ class WorkFolder:
                                   f"{str(e).splitlines()[0]}") from None
 
     def _recover(self) -> set[str]:
-        shards = self.shards.files(".parquet")
+        shards = _by_write_task(self.shards.files(".parquet"))
         done: set[str] = set()
         for commit in self.commits.files(".parquet"):
             if commit.name.endswith(PENDING):
-                for s in _data_files_of(commit, shards, PENDING):
+                for s in shards.get(commit.name.removesuffix(PENDING), []):
                     s.fs.delete_file(s.path)
                 commit.fs.delete_file(commit.path)
                 continue
-            files = _data_files_of(commit, shards)
+            files = shards.get(commit.name.removesuffix(".parquet"), [])
             try:
                 rows = sum(pq.ParquetFile(s.fs.open_input_file(s.path)).metadata.num_rows for s in files)
                 ids = pq.read_table(commit.fs.open_input_file(commit.path), columns=[ID_COLUMN])[ID_COLUMN]

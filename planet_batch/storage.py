@@ -188,8 +188,8 @@ def read_placement(data: Location, shared: bool, what: str = "data") -> dict[str
         return None
     node = ray.get_runtime_context().get_node_id()
     if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
-        log.info("%s is local to node %s: reading and writing it there; put it on s3:// (or pass --data-shared "
-                 "for a path every node mounts) to use it from every node", what, node[:12])
+        log.info("%s is local to node %s: its tasks run there; put it on s3:// (or pass --data-shared for a path "
+                 "every node mounts) to use it from every node", what, node[:12])
     return {NODE_ID_LABEL: node}
 
 

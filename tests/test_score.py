@@ -284,14 +284,14 @@ def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_a_stall_fails_loudly_and_keeps_the_shards(tmp_path):
+def test_a_stall_fails_loudly_and_keeps_the_shards(tmp_path, monkeypatch):
     from planet_batch.score import ShardProgress
 
     class Frozen:  # a work folder whose shards stopped coming (a cluster that cannot place the work)
         def committed_rows(self):
             return 3
 
-    ShardProgress.POLL_S = 0.05
+    monkeypatch.setattr(ShardProgress, "POLL_S", 0.05)
     watch = ShardProgress(Frozen(), 9, 0, 0.3)
     t0 = time.perf_counter()
     with pytest.raises(KeyboardInterrupt):
