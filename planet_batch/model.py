@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,13 @@ import torchvision
 from torch import nn
 
 from planet_batch.errors import PlanetBatchError
+
+
+log = logging.getLogger(__name__)
+
+# CPU features that run bf16 matrix products natively: AVX-512 BF16 (Zen 4 and later EPYCs, Cooper Lake)
+# and AMX (Sapphire Rapids and later Xeons). Without them bf16 is emulated and slower than fp32.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 class WeightsError(PlanetBatchError, RuntimeError):
@@ -152,8 +161,47 @@ def training_setup(model: nn.Sequential, lr: float | tuple[float, float], weight
     return TrainingSetup(optimizer, nn.BCEWithLogitsLoss(), scheduler)
 
 
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """This machine's CPU feature flags (Linux; empty elsewhere), read once."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def resolve_precision(requested: str, device: torch.device, flags: frozenset[str] | None = None) -> str:
+    """"fp32" or "bf16" for `requested` (auto | fp32 | bf16): auto is bf16 where the hardware computes it natively
+    (a CUDA device with bf16, a CPU with AVX-512 BF16 or AMX), fp32 elsewhere."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if BF16_CPU_FLAGS & (cpu_flags() if flags is None else flags) else "fp32"
+
+
 @contextlib.contextmanager
-def inference(device: torch.device) -> Iterator[None]:
-    """How the model predicts, in validation and in scoring: no autograd, and bf16 autocast on a GPU."""
-    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+def inference(device: torch.device, precision: str | None = None) -> Iterator[None]:
+    """How the model predicts, in validation and in scoring: no autograd, and bf16 autocast with
+    precision "bf16" (default: on a GPU)."""
+    bf16 = device.type == "cuda" if precision is None else precision == "bf16"
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         yield
+
+
+def compile_or_eager(model: nn.Module, example: torch.Tensor, device: torch.device, precision: str) -> nn.Module:
+    """`torch.compile(model)`, compiled now on `example` (the batch shape it will see), or the model itself with
+    one warning line when compiling fails: a compile problem never stops a job."""
+    try:
+        compiled = torch.compile(model)
+        with inference(device, precision):
+            compiled(example)
+        return compiled
+    except Exception as e:  # noqa: BLE001 - any compiler failure (Dynamo, Inductor, a missing C compiler)
+        log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, str(e).strip().splitlines()[0]
+                    if str(e).strip() else "")
+        return model
