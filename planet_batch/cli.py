@@ -41,6 +41,8 @@ SCORE_FLAGS = {
     "work_dir": "the run's Parquet shards, kept until it succeeds (default OUT.parts next to --out; a path or a URI "
                 "every node reaches); rerunning the same command resumes from them",
     "keep_parts": "keep the work folder after success",
+    "precision": "auto (bf16 where the hardware has it: a CPU with AVX-512 BF16 or AMX, a bf16 GPU), fp32 or bf16",
+    "compile": "torch.compile the model: auto (when each actor has enough images to pay it back), on or off",
     "shard_rows": "rows per shard file (default 1000): what an interruption can lose per write in flight",
     "stall_timeout_s": "fail after this many seconds without a new shard (default 600; 0 waits forever)",
 }

@@ -18,6 +18,8 @@ from planet_batch.errors import PlanetBatchError
 
 T = TypeVar("T")
 ARCHS = ("resnet18", "resnet34", "resnet50")
+PRECISIONS = ("auto", "fp32", "bf16")
+COMPILES = ("auto", "on", "off")
 
 
 class ConfigError(PlanetBatchError, ValueError):
@@ -102,6 +104,11 @@ class TrainConfig:
         _check_range("max_failures", self.max_failures, -1, 1000)
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"placement_strategy: unknown {self.placement_strategy!r}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
 
 
 def _check_range(name, value, lo, hi, open_ends=False, lo_closed=False):
@@ -269,6 +276,8 @@ class ScoreConfig:
     data_shared: bool = False  # a local --data / --images path that every node mounts: read it everywhere
     strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
     overwrite: bool = False
+    precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 on hardware with native bf16 (model.resolve_precision)
+    compile: str = "auto"  # auto | on | off: auto compiles when each actor has enough images to pay it back
     # No new shard for this long fails the job (0: wait forever). A cluster that lost a node can
     # otherwise wait without end: its restarted actors may take the CPUs the read tasks need.
     stall_timeout_s: float = 600.0
@@ -286,6 +295,8 @@ class ScoreConfig:
             except ValueError:
                 raise ConfigError(f"threshold: {self.threshold!r} is neither a number nor 'tuned'") from None
             _check_range("threshold", value, 0.0, 1.0, open_ends=True)
+        _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("compile", self.compile, COMPILES)
         _check_range("batch_size", self.batch_size, 1, 65536)
         _check_range("shard_rows", self.shard_rows, 1, 10_000_000)
         _check_range("actors", self.actors, 0, 4096)

@@ -15,7 +15,6 @@ from torch import nn
 
 from planet_batch.errors import PlanetBatchError
 
-
 log = logging.getLogger(__name__)
 
 # CPU features that run bf16 matrix products natively: AVX-512 BF16 (Zen 4 and later EPYCs, Cooper Lake)

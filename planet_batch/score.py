@@ -29,7 +29,7 @@ from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, load_export
 from planet_batch.labels import decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
-from planet_batch.model import inference
+from planet_batch.model import compile_or_eager, inference, resolve_precision
 from planet_batch.runtime import ProgressLine, ensure_ray, maybe_inject_fault, quiet_data_progress, setup_logging
 from planet_batch.shards import ID_COLUMN, WorkFolder
 from planet_batch.storage import Location, StorageError, existing_dir, locate, read_placement
@@ -57,6 +57,8 @@ class ScoreSummary:
     probs: str | None
     resumed_images: int  # rows taken from an earlier, interrupted run
     scored_images: int  # rows computed by this run
+    precision: str | None  # how this run's actors computed: fp32 | bf16 (None: nothing left to score)
+    compiled: bool | None
 
 
 @dataclass(frozen=True)
@@ -109,16 +111,26 @@ class Predictor:
     and the actor fetches the weights itself, from whichever node holds them.
     """
 
-    def __init__(self, ensemble: Ensemble, state_refs: list, threads: int, tta: bool):
+    def __init__(self, ensemble: Ensemble, state_refs: list, threads: int, tta: bool, precision: str = "fp32",
+                 compile: bool = False, batch_size: int = 64):
         import ray
         import torch
 
         setup_logging()
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(precision, self.device)  # on this actor's own hardware
         self.models = [(m, m.build_from_state(ray.get(ref), self.device))
                        for m, ref in zip(ensemble.members, state_refs)]
+        self.batch_size, self.compiled = batch_size, False
+        if compile:  # compiled now, on the one batch shape it will see (short batches are padded to it)
+            example = torch.zeros(batch_size, 3, ensemble.size, ensemble.size, device=self.device)
+            example = example.to(memory_format=torch.channels_last)
+            self.models = [(m, compile_or_eager(model, example, self.device, self.precision))
+                           for m, model in self.models]
+            self.compiled = all(isinstance(model, torch._dynamo.eval_frame.OptimizedModule) for _, model in self.models)
         self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
+        log.info("predictor: %s, %s, %s", self.device, self.precision, "compiled" if self.compiled else "eager")
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -129,14 +141,17 @@ class Predictor:
         probs = np.zeros((len(ok), len(self.tags)), dtype=np.float32)
         if ok.any():
             images = batch["image"][ok]
-            with inference(self.device):
+            n = len(images)
+            if self.compiled and n < self.batch_size:  # one shape, no recompiling for the last batch
+                images = np.concatenate([images, np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)])
+            with inference(self.device, self.precision):
                 total = 0
                 for k in self.views:  # TTA: the same 8 dihedral views that training augments with
                     view = np.ascontiguousarray(dihedral(images, k))
                     for export, model in self.models:  # each member normalises the one decoded view its own way
                         x = to_model_input(view, self.device, export.mean, export.std)
                         total = total + torch.sigmoid(model(x).float())
-            probs[ok] = (total / (len(self.views) * len(self.models))).cpu().numpy()
+            probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
                 "error": batch["error"]}
 
@@ -213,22 +228,48 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
     inputs may not.
     """
     run = {"models": sorted(fingerprint(w) for w in weights), "size": ensemble.size, "tta": cfg.tta,
-           "tags": list(ensemble.tags), "inputs": sorted(str(f) for f in inputs.folders)}
+           "precision": actor_mode(cfg, 0).precision, "tags": list(ensemble.tags),
+           "inputs": sorted(str(f) for f in inputs.folders)}
     try:
         return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)
     except StorageError as e:  # (a WorkFolderError says which folder itself)
         raise ScoreError(f"work folder: {e}") from None
 
 
+# torch.compile pays back its compile time (measured below) once an actor scores this many images.
+COMPILE_MIN_IMAGES = 20_000
+
+
+@dataclass(frozen=True)
+class Mode:
+    """How the predictor actors run the model: what --precision and --compile resolved to."""
+
+    precision: str  # fp32 | bf16 ("auto" when GPU actors resolve it on their own GPUs)
+    compile: bool
+
+
+def actor_mode(cfg: ScoreConfig, images_per_actor: float) -> Mode:
+    import torch
+
+    gpu = cfg.gpus_per_actor > 0
+    if gpu and cfg.precision == "auto" and not torch.cuda.is_available():
+        precision = "auto"  # the driver has no GPU to ask; each actor asks its own (and logs the answer)
+    else:
+        precision = resolve_precision(cfg.precision, torch.device("cuda" if gpu else "cpu"))
+    return Mode(precision, cfg.compile == "on" or (cfg.compile == "auto" and images_per_actor >= COMPILE_MIN_IMAGES))
+
+
 def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], sources: list[Location],
-                     placement: dict | None, where: str):
+                     placement: dict | None, n_images: int, where: str):
     """files (folders, or the files still to score) -> read+decode tasks (on the data's node when only it has
-    the files) -> predictor actors."""
+    the files) -> predictor actors. Returns the dataset and the actors' mode."""
     import ray
 
     actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
-    log.info("scoring %s with %s on %d actor(s), %d torch threads each%s", where, ensemble, actors, threads,
+    mode = actor_mode(cfg, n_images / actors)
+    log.info("scoring %d images from %s with %s on %d actor(s), %d torch threads each, %s%s%s", n_images, where,
+             ensemble, actors, threads, mode.precision, ", compiled" if mode.compile else "",
              ", TTA x8" if cfg.tta else "")
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
     # so raw bytes never pass through the object store and no extra worker process starts;
@@ -237,10 +278,11 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
                                     file_extensions=["jpg"], label_selector=placement)
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": ensemble.size, "keep_bad": True},
                         batch_size=None, batch_format="numpy")
-    return ds.map_batches(
+    return mode, ds.map_batches(
         Predictor,
         fn_constructor_kwargs={"ensemble": ensemble, "state_refs": [ray.put(s) for s in states], "threads": threads,
-                               "tta": cfg.tta},
+                               "tta": cfg.tta, "precision": mode.precision, "compile": mode.compile,
+                               "batch_size": cfg.batch_size},
         batch_size=cfg.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
@@ -385,6 +427,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     if resumed:
         log.info("resuming: %d of %d images already scored in %s; scoring the other %d",
                  resumed, len(inputs.files), work.root, len(todo))
+    mode = None
     if todo:
         states = [m.load_state(w) for m, w in zip(ensemble.members, weights)]
         ensure_ray()
@@ -392,8 +435,8 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         placement = read_placement(inputs.folders[0], cfg.data_shared)
         # A fresh run lists the folders in Ray's read tasks; a resumed one names the missing files.
         sources = todo if resumed else inputs.folders
-        where = f"{len(todo)} images from {', '.join(map(str, inputs.folders))}"
-        ds = scoring_pipeline(cfg, ensemble, states, sources, placement, where)
+        mode, ds = scoring_pipeline(cfg, ensemble, states, sources, placement, len(todo),
+                                    ", ".join(map(str, inputs.folders)))
         write_shards(ds, work, cfg, read_placement(work.root, cfg.data_shared, "the work folder"),
                      len(inputs.files), resumed)
 
@@ -411,6 +454,7 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
         unreadable=rows.unreadable, wall_s=round(wall, 2), images_per_s=round(len(inputs.order) / wall, 1),
         threshold=cfg.threshold, tta=cfg.tta, bad_images=str(bad_path) if bad_path else None,
         probs=str(probs_path) if probs_path else None, resumed_images=resumed, scored_images=len(todo),
+        precision=mode and mode.precision, compiled=mode and mode.compile,
     )
     out.with_name("score_summary.json").write_atomic(lambda p: p.write_text(
         json.dumps({**asdict(summary), "config": to_dict(cfg)}, indent=2)))

@@ -92,7 +92,7 @@ class WorkFolder:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     before = None
                 if before != run:
-                    what = {"models": "--model", "size": "input size", "tta": "--tta"}
+                    what = {"models": "--model", "size": "input size", "tta": "--tta", "precision": "--precision"}
                     differ = [what.get(k, k) for k in sorted(set(run) | set(before or {}))
                               if (before or {}).get(k) != run.get(k)]
                     raise WorkFolderError(

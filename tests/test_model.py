@@ -6,10 +6,14 @@ from torch import nn
 from planet_batch.model import (
     WeightsError,
     build_model,
+    compile_or_eager,
+    cpu_flags,
     group_lrs,
+    inference,
     layer_groups,
     one_cycle,
     param_groups,
+    resolve_precision,
     set_frozen,
     torchvision_resnet,
 )
@@ -93,3 +97,44 @@ def test_missing_or_wrong_weights_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(WeightsError, match=r"Put resnet18-.*\.pth .* at .*empty/hub/checkpoints"):
         torchvision_resnet("resnet18", "imagenet")
+
+
+CPU = torch.device("cpu")
+
+
+def test_auto_precision_is_bf16_only_on_cpus_that_compute_it_natively(tmp_path):
+    epyc = frozenset({"avx2", "avx512f", "avx512_bf16", "avx512_vnni"})
+    assert resolve_precision("auto", CPU, epyc) == "bf16"
+    assert resolve_precision("auto", CPU, frozenset({"avx2", "amx_bf16", "amx_tile"})) == "bf16"
+    assert resolve_precision("auto", CPU, frozenset({"avx2", "avx512f"})) == "fp32"  # bf16 would be emulated
+    assert resolve_precision("fp32", CPU, epyc) == "fp32" and resolve_precision("bf16", CPU, frozenset()) == "bf16"
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(str(cpuinfo)) == {"fpu", "sse2", "avx512_bf16"}
+    assert cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+def test_a_compile_failure_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken(model, **kw):
+        def run(x):
+            raise RuntimeError("inductor: no C compiler\n(a long trace)")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = build_model("resnet18", 17).eval()
+    x = torch.zeros(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    assert compile_or_eager(model, x, CPU, "fp32") is model
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == ["torch.compile failed (RuntimeError: inductor: no C compiler); running eager"]
+
+
+def test_bf16_inference_stays_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model("resnet18", 17).eval()
+    x = torch.randn(8, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with inference(CPU, "fp32"):
+        fp32 = torch.sigmoid(model(x))
+    with inference(CPU, "bf16"):
+        bf16 = torch.sigmoid(model(x).float())
+    assert fp32.dtype == bf16.dtype == torch.float32
+    assert 0 < (fp32 - bf16).abs().max() < 0.05  # bf16 really ran (8 bits of mantissa), and stayed near
