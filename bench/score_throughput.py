@@ -1,6 +1,6 @@
 """Scoring throughput: pure forward, a plain loop, and the Ray Data pipeline, measured in one run.
 
-    python bench/score_throughput.py --n-images 2000 [--arch resnet34 --size 128]
+    python bench/score_throughput.py --n-images 2000 [--arch resnet34 --size 128] [--modes fp32/off auto/auto]
     python bench/score_throughput.py --memory 2000 20000   # driver peak RSS at two sizes
     python bench/score_throughput.py --n-images 61191 --size 256 --gpus-per-actor 1   # on a GPU node
 
@@ -89,7 +89,7 @@ def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: in
 
 
 def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpus_per_actor: float,
-              gpus_per_actor: float, shard_rows: int) -> tuple[float, float]:
+              gpus_per_actor: float, shard_rows: int, precision: str, compile: str) -> tuple[float, float, dict]:
     """End to end and steady-state images/s of the pipeline; steady from the shards' commit times
     (rows committed between 25% and 90% of the run)."""
     import pyarrow.parquet as pq
@@ -99,7 +99,7 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
     t0 = time.perf_counter()
     score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
                                   cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, overwrite=True,
-                                  shard_rows=shard_rows, keep_parts=True))
+                                  shard_rows=shard_rows, keep_parts=True, precision=precision, compile=compile))
     wall = time.perf_counter() - t0
     commits = [p for p in (out.parent / f"{out.name}.parts" / "commits").glob("*.parquet")]
     arrivals = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in commits)
@@ -107,7 +107,8 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
     counts = np.cumsum([c for _, c in arrivals])
     lo, hi = np.searchsorted(counts, 0.25 * n), np.searchsorted(counts, 0.9 * n)
     steady = (counts[hi] - counts[lo]) / (times[hi] - times[lo]) if hi > lo else float("nan")
-    return n / wall, float(steady)
+    mode = json.loads((out.parent / "score_summary.json").read_text())
+    return n / wall, float(steady), {"precision": mode["precision"], "compiled": mode["compiled"]}
 
 
 def peak_rss_mb(n: int, arch: str, size: int) -> float:
@@ -133,8 +134,10 @@ def main():
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--cpus-per-actor", type=float, nargs="+", default=[ScoreConfig.cpus_per_actor],
-                   help="one Ray Data run per value, side by side (the first is reported as the main figure)")
+    p.add_argument("--cpus-per-actor", type=float, default=ScoreConfig.cpus_per_actor)
+    p.add_argument("--modes", nargs="+", default=["fp32/off", "auto/auto"],
+                   help="PRECISION/COMPILE pairs, one Ray Data run each, side by side (repeat one to see the noise); "
+                        "the first is the reference for decision_agreement")
     p.add_argument("--gpus-per-actor", type=float, default=0.0,
                    help="GPU actors for (c); (a) and (b) then run on the GPU too")
     p.add_argument("--shard-rows", type=int, default=250,
@@ -162,15 +165,26 @@ def main():
         plain = plain_loop_rate(export, paths, args.batch_size, args.threads, device, tmp / "plain.csv")
         print(f"(b) plain loop: {plain:.1f} img/s", flush=True)
         ray.init(num_cpus=os.cpu_count(), log_to_driver=False)
-        variants = []  # a list: the same value may be given twice, to see the run-to-run noise
-        for cpus in args.cpus_per_actor:
-            rates = ray_rates(export, tmp / "images", args.n_images, args.batch_size, tmp / "ray.csv", cpus,
-                              args.gpus_per_actor, args.shard_rows)
-            print(f"(c) ray data, {cpus:g} CPU per actor: {rates[0]:.1f} img/s end to end, {rates[1]:.1f} img/s "
-                  "steady state", flush=True)
-            variants.append((cpus, *rates))
-        _, e2e, steady = variants[0]
-        same = (tmp / "plain.csv").read_text() == (tmp / "ray.csv").read_text()
+        variants = []
+        for i, m in enumerate(args.modes):
+            precision, compile = m.split("/")
+            out = tmp / f"ray-{i}" / "submission.csv"
+            out.parent.mkdir()
+            e2e, steady, mode = ray_rates(export, tmp / "images", args.n_images, args.batch_size, out,
+                                          args.cpus_per_actor, args.gpus_per_actor, args.shard_rows, precision,
+                                          compile)
+            print(f"(c) ray data, --precision {precision} --compile {compile} ({mode}): {e2e:.1f} img/s end to end, "
+                  f"{steady:.1f} img/s steady state", flush=True)
+            variants.append({"mode": m, **mode, "end_to_end_img_s": round(e2e, 1), "steady_img_s": round(steady, 1),
+                             "tags": [r.split(",")[1] for r in out.read_text().splitlines()[1:]]})
+        e2e, steady = variants[0]["end_to_end_img_s"], variants[0]["steady_img_s"]
+        same = (tmp / "plain.csv").read_text() == (tmp / "ray-0" / "submission.csv").read_text()
+    auto = [v for v in variants if v["mode"].startswith("auto/")] or variants
+    best = max(auto, key=lambda v: v["end_to_end_img_s"])
+    pairs = [(set(a.split()), set(b.split())) for a, b in zip(variants[0]["tags"], best["tags"])]
+    agreement = sum(len(a & b) + (len(TAGS) - len(a | b)) for a, b in pairs) / (len(pairs) * len(TAGS))
+    for v in variants:
+        del v["tags"]
     print(json.dumps({
         "bench": "score_throughput", "arch": args.arch, "size": args.size, "n_images": args.n_images,
         "batch_size": args.batch_size, "shard_rows": args.shard_rows, "threads": args.threads, "device": device.type,
@@ -179,8 +193,9 @@ def main():
         "ray_steady_img_s": round(steady, 1), "steady_vs_forward": round(steady / fwd, 3),
         "end_to_end_vs_plain": round(e2e / plain, 3), "same_submission_as_plain_loop": same,
         "projected_61191_s": round(61191 / steady + (args.n_images / e2e - args.n_images / steady), 0),
-        "by_cpus_per_actor": [{"cpus_per_actor": c, "end_to_end_img_s": round(e, 1), "steady_img_s": round(st, 1)}
-                              for c, e, st in variants],
+        "by_mode": variants, "best_auto_mode": best["mode"],
+        "best_vs_fp32_eager_forward": round(best["end_to_end_img_s"] / fwd, 3),
+        "decision_agreement": round(agreement, 5),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))
 
