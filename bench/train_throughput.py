@@ -54,7 +54,7 @@ def plain_loop_epoch_rate(paths, targets, args) -> float:
     return rate
 
 
-def ray_train_epoch_rate(root, run_dir, args) -> float:
+def ray_train_epoch_rate(root, run_dir, args, precision: str = "fp32") -> float:
     import ray
 
     ray.init(num_cpus=args.cpus, log_to_driver=False)
@@ -62,7 +62,7 @@ def ray_train_epoch_rate(root, run_dir, args) -> float:
     cfg = load_config(TrainConfig, None, [
         f"arch={args.arch}", "weights=none", f"batch_size={args.batch_size}", "valid_pct=0.05",
         f"workers={args.workers}", f"cpus_per_worker={args.cpus_per_worker}", f"torch_threads={args.threads}",
-        f"stages=[{json.dumps(stage)}]",
+        f"stages=[{json.dumps(stage)}]", f"precision={precision}",
     ])
     run_training(cfg, root, run_dir)
     state = torch.load(Path(run_dir) / "stages" / "bench.pt", weights_only=True)
@@ -83,26 +83,32 @@ def main():
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="alternate the two sides this many times; report medians")
+    p.add_argument("--precisions", nargs="+", default=["fp32"],
+                   help="Ray Train runs per repeat, one per precision (fp32 first: the plain loop's mode)")
     args = p.parse_args()
     setup_logging()
-    plain, ray_rates = [], []
+    plain, ray_rates = [], {p: [] for p in args.precisions}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_demo_data(Path(tmp) / "data", n_train=args.n_images, n_test=1, n_additional=1, seed=0)
         train, _ = train_valid_split(root, 0.05, 42)
         for r in range(args.repeats):
             plain.append(plain_loop_epoch_rate(train.paths, train.targets, args))
             print(f"[{r + 1}/{args.repeats}] plain loop: {plain[-1]:.1f} img/s", flush=True)
-            ray_rates.append(ray_train_epoch_rate(root, Path(tmp) / f"run{r}", args))
-            print(f"[{r + 1}/{args.repeats}] ray train ({args.workers} worker(s)): {ray_rates[-1]:.1f} img/s",
-                  flush=True)
-    plain_med, ray_med = statistics.median(plain), statistics.median(ray_rates)
+            for prec in args.precisions:
+                ray_rates[prec].append(ray_train_epoch_rate(root, Path(tmp) / f"run{r}-{prec}", args, prec))
+                print(f"[{r + 1}/{args.repeats}] ray train ({args.workers} worker(s), {prec}): "
+                      f"{ray_rates[prec][-1]:.1f} img/s", flush=True)
+    medians = {prec: statistics.median(v) for prec, v in ray_rates.items()}
+    plain_med, ray_med = statistics.median(plain), medians[args.precisions[0]]
     print(json.dumps({
         "bench": "train_throughput", "arch": args.arch, "size": args.size, "batch_size": args.batch_size,
         "threads": args.threads, "workers": args.workers, "n_images": len(train), "repeats": args.repeats,
         "plain_img_s": round(plain_med, 2), "ray_train_img_s": round(ray_med, 2),
         "ratio": round(ray_med / plain_med, 3),
         "per_repeat": [{"plain_img_s": round(a, 2), "ray_train_img_s": round(b, 2), "ratio": round(b / a, 3)}
-                       for a, b in zip(plain, ray_rates)],
+                       for a, b in zip(plain, ray_rates[args.precisions[0]])],
+        "ray_train_img_s_by_precision": {prec: round(v, 2) for prec, v in medians.items()},
+        "vs_fp32": {prec: round(v / medians["fp32"], 3) for prec, v in medians.items()} if "fp32" in medians else None,
     }))
 
 

@@ -18,7 +18,8 @@ from planet_batch.runtime import setup_logging
 TRAIN_FLAGS = {
     "workers": "Ray Train workers; 0 runs everything in the driver",
     "cpus_per_worker": "CPUs per worker (the rest of the cluster decodes)",
-    "gpu": "one GPU per worker, bf16 autocast",
+    "gpu": "one GPU per worker",
+    "precision": "auto (bf16 autocast where the hardware has native bf16), fp32 or bf16",
     "storage": "Ray Train storage: local path, NFS or s3://bucket/prefix",
     "data_shared": "the local --data path is mounted on every node (NFS): read it everywhere",
 }

@@ -68,6 +68,8 @@ class TrainConfig:
     workers: int = 2  # 0: Ray Train local mode, everything in the driver
     cpus_per_worker: float = 1.0
     gpu: bool = False
+    # auto | fp32 | bf16: bf16 autocast for the forward passes where the hardware has native bf16
+    precision: str = "auto"
     torch_threads: int = 0  # 0: the worker's CPU share, at least 1
     max_failures: int = 3
     storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
@@ -93,6 +95,7 @@ class TrainConfig:
                     f"(earlier: {seen or 'none'}) nor a saved stage file (.pt)"
                 )
             seen.append(st.name)
+        _check_choice("precision", self.precision, PRECISIONS)
         _check_range("batch_size", self.batch_size, 1, 65536)
         _check_range("valid_pct", self.valid_pct, 0.0, 1.0, open_ends=True)
         _check_range("threshold", self.threshold, 0.0, 1.0, open_ends=True)

@@ -29,7 +29,7 @@ from planet_batch.errors import PlanetBatchError
 from planet_batch.export import save_export
 from planet_batch.labels import TAGS
 from planet_batch.metrics import accuracy_thresh, best_constant_fbeta, fbeta, tune_thresholds
-from planet_batch.model import TrainingSetup, build_model, inference, set_frozen, training_setup
+from planet_batch.model import TrainingSetup, build_model, inference, resolve_precision, set_frozen, training_setup
 from planet_batch.runtime import (
     check_capacity,
     ensure_ray,
@@ -87,11 +87,12 @@ def gather(share: EpochShare) -> list[EpochShare]:
     return [share]
 
 
-def evaluate(model: nn.Module, shard, batch_size: int, device) -> tuple[np.ndarray, np.ndarray, float]:
+def evaluate(model: nn.Module, shard, batch_size: int, device,
+             precision: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
     probs, targets, loss_sum = [], [], 0.0
     model.eval()
-    with inference(device):
+    with inference(device, precision):
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
             logits = model(to_model_input(batch["image"], device)).float()
             y = batch["target"].float()
@@ -110,11 +111,13 @@ def started(batches: Iterable) -> Iterator:
 
 
 def train_one_epoch(model: nn.Module, batches: Iterator, setup: TrainingSetup, device,
-                    fault_point: str) -> tuple[list[float], float]:
+                    fault_point: str, precision: str = "fp32") -> tuple[list[float], float]:
     # `fault_point` names this epoch for tests' fault injection, with `{batch}` for the batch index.
-    """One pass over this worker's batches; the per-batch losses and the seconds spent waiting for input."""
+    """One pass over this worker's batches; the per-batch losses and the seconds spent waiting for input.
+    With precision "bf16" the forward pass runs under bf16 autocast (weights, gradients and the optimiser
+    stay fp32)."""
     model.train()
-    amp = device.type == "cuda"
+    amp = precision == "bf16"
     losses, wait, t_wait = [], 0.0, time.perf_counter()
     scheduler = setup.scheduler
     for b, batch in enumerate(batches):
@@ -210,6 +213,8 @@ def train_stage_loop(config: dict) -> None:
     torch.set_num_threads(config["threads"])
     torch.manual_seed(cfg.seed + rank)
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.precision, device)  # on this worker's own hardware
+    log.info("worker %d: %s, %s", rank, device, precision)
 
     raw = build_model(cfg.arch, len(TAGS), weights="none", dropout=cfg.dropout)
     raw.load_state_dict(ray.get(config["init"]))  # via the object store: no shared disk needed
@@ -236,17 +241,20 @@ def train_stage_loop(config: dict) -> None:
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
         batches = upcoming.result() if upcoming is not None else start_epoch()
-        losses, wait = train_one_epoch(model, batches, setup, device, f"train:{stage.name}:{epoch}:{{batch}}:{rank}")
+        losses, wait = train_one_epoch(model, batches, setup, device, f"train:{stage.name}:{epoch}:{{batch}}:{rank}",
+                                       precision)
         train_seconds = time.perf_counter() - t0
         if epoch + 1 < stage.epochs:
             # Ray Data restarts the pipeline every epoch (~2 s before the first batch on 2 CPUs):
             # start the next one now, so that start-up overlaps validation instead of training.
             upcoming = prefetcher.submit(start_epoch)
-        shares = gather(EpochShare(*evaluate(raw, valid_shard, cfg.batch_size, device), float(np.sum(losses)),
+        shares = gather(EpochShare(*evaluate(raw, valid_shard, cfg.batch_size, device, precision),
+                                   float(np.sum(losses)),
                                    len(losses), train_seconds, wait))
         probs = np.concatenate([s.probs for s in shares])
         targets = np.concatenate([s.targets for s in shares])
-        metrics = epoch_metrics(shares, probs, targets, stage, epoch, cfg, time.perf_counter() - t0)
+        metrics = epoch_metrics(shares, probs, targets, stage, epoch, cfg, time.perf_counter() - t0) | {
+            "precision": precision}
         history["epochs"].append(metrics)
         history["batch_losses"].extend(losses)
         state = None
