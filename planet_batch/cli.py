@@ -20,8 +20,12 @@ TRAIN_FLAGS = {
     "cpus_per_worker": "CPUs per worker (the rest of the cluster decodes)",
     "gpu": "one GPU per worker",
     "precision": "auto (bf16 autocast where the hardware has native bf16), fp32 or bf16",
+    "compile": "torch.compile the training model: auto (on a GPU, for long stages; never on a CPU), on or off",
     "storage": "Ray Train storage: local path, NFS or s3://bucket/prefix",
     "data_shared": "the local --data path is mounted on every node (NFS): read it everywhere",
+    "folds": "K-fold: train K models, each holding out one K-th (OUT/fold-i/), tune thresholds on all out-of-fold "
+             "predictions and export the ensemble (OUT/export/)",
+    "parallel_folds": "folds trained at once (default: as many as the cluster holds)",
 }
 SCORE_FLAGS = {
     "model": "export folder, e.g. RUN_DIR/export (a path or a URI); repeat it to score an ensemble",
@@ -56,6 +60,8 @@ def field_type(tp):
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
         tp = typing.get_args(tp)[0]
+    if tp is not bool and isinstance(tp, type) and issubclass(tp, str):
+        tp = str  # (config.Switch)
     if tp not in (bool, int, float, str):
         raise TypeError(f"no flag for a field of type {tp}")
     return tp
@@ -102,10 +108,12 @@ def train_config(args) -> TrainConfig:
 
 
 def cmd_train(args) -> None:
-    from planet_batch.train import run_training
+    from planet_batch.folds import train
 
-    export = run_training(train_config(args), args.data, args.out)
-    print(f"run folder: {args.out}\nmetrics: {args.out}/metrics.csv\nexport: {export}")
+    cfg = train_config(args)
+    export = train(cfg, args.data, args.out)
+    print(f"run folder: {args.out}\nmetrics: {args.out}/metrics.csv\n"
+          + (f"out-of-fold predictions: {args.out}/oof.parquet\n" if cfg.folds else "") + f"export: {export}")
 
 
 def cmd_lr_find(args) -> None:

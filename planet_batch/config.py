@@ -22,6 +22,11 @@ PRECISIONS = ("auto", "fp32", "bf16")
 COMPILES = ("auto", "on", "off")
 
 
+class Switch(str):
+    """A str field whose values include on/off: YAML reads a bare `on` / `off` (and yes/no, true/false) as a
+    boolean, which such a field takes back as "on" / "off"."""
+
+
 class ConfigError(PlanetBatchError, ValueError):
     pass
 
@@ -70,6 +75,8 @@ class TrainConfig:
     gpu: bool = False
     # auto | fp32 | bf16: bf16 autocast for the forward passes where the hardware has native bf16
     precision: str = "auto"
+    # auto | on | off: torch.compile the training model; auto compiles only where it pays (train.compile_training)
+    compile: Switch = "auto"
     torch_threads: int = 0  # 0: the worker's CPU share, at least 1
     max_failures: int = 3
     storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
@@ -79,6 +86,10 @@ class TrainConfig:
     autoscale: bool = False
     # A local data root that every node mounts (NFS): read it on every node, not only the driver's.
     data_shared: bool = False
+    # K-fold training (planet_batch.folds): 0 trains one model on a valid_pct split; K >= 2 trains K folds,
+    # `parallel_folds` at a time (0: as many as the cluster holds).
+    folds: int = 0
+    parallel_folds: int = 0
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -96,6 +107,7 @@ class TrainConfig:
                 )
             seen.append(st.name)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("compile", self.compile, COMPILES)
         _check_range("batch_size", self.batch_size, 1, 65536)
         _check_range("valid_pct", self.valid_pct, 0.0, 1.0, open_ends=True)
         _check_range("threshold", self.threshold, 0.0, 1.0, open_ends=True)
@@ -105,6 +117,10 @@ class TrainConfig:
         _check_range("cpus_per_worker", self.cpus_per_worker, 0.0, 1024, open_ends=True)
         _check_range("torch_threads", self.torch_threads, 0, 1024)
         _check_range("max_failures", self.max_failures, -1, 1000)
+        if self.folds == 1 or self.folds < 0:
+            raise ConfigError(f"folds: {self.folds} folds; K-fold needs at least 2 (0 trains one model)")
+        _check_range("folds", self.folds, 0, 1000)
+        _check_range("parallel_folds", self.parallel_folds, 0, 1000)
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"placement_strategy: unknown {self.placement_strategy!r}")
 
@@ -177,9 +193,11 @@ def _coerce(tp, value, path: str):
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-    elif tp is str:
+    elif tp is str or tp is Switch:
         if isinstance(value, str):
             return value
+        if tp is Switch and isinstance(value, bool):
+            return "on" if value else "off"
     else:
         raise TypeError(f"{path}: unsupported config type {tp}")
     raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
@@ -280,7 +298,7 @@ class ScoreConfig:
     strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
     overwrite: bool = False
     precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 on hardware with native bf16 (model.resolve_precision)
-    compile: str = "auto"  # auto | on | off: auto compiles when each actor has enough images to pay it back
+    compile: Switch = "auto"  # auto | on | off: auto compiles when each actor has enough images to pay it back
     # No new shard for this long fails the job (0: wait forever). A cluster that lost a node can
     # otherwise wait without end: its restarted actors may take the CPUs the read tasks need.
     stall_timeout_s: float = 600.0

@@ -38,12 +38,17 @@ def load_training_data(data_root: Path | str | Location) -> tuple[Labels, Locati
     return read_labels(layout.train_csv, image_dir=layout.train_dir), layout.train_dir
 
 
+def labelled_split(data_root: Path | str | Location) -> Split:
+    """Every labelled image of a dataset, in the labels file's order."""
+    labels, image_dir = load_training_data(data_root)
+    return Split(labels.names, tuple((image_dir / f"{n}.jpg").path for n in labels.names), labels.multi_hot(),
+                 image_dir.fs)
+
+
 def train_valid_split(data_root: Path | str | Location, valid_pct: float = 0.2,
                       seed: int = 42) -> tuple[Split, Split]:
-    labels, image_dir = load_training_data(data_root)
-    every = Split(labels.names, tuple((image_dir / f"{n}.jpg").path for n in labels.names), labels.multi_hot(),
-                  image_dir.fs)
-    train_idx, valid_idx = split_indices(labels.names, valid_pct, seed)
+    every = labelled_split(data_root)
+    train_idx, valid_idx = split_indices(every.names, valid_pct, seed)
     return every.part(train_idx), every.part(valid_idx)
 
 

@@ -21,6 +21,7 @@ from planet_batch.storage import Location, StorageError, locate, write_atomic
 
 EXPORT_FORMAT = "planet-batch-export"
 EXPORT_VERSION = 1
+ENSEMBLE_FORMAT = "planet-batch-ensemble"
 
 
 class ExportError(PlanetBatchError, ValueError):
@@ -94,19 +95,87 @@ def save_export(
     return out
 
 
-def load_export(path: Path | str | Location) -> ExportedModel:
-    """Read an export folder (a path or a URI), failing with a clear message when it is missing or incompatible."""
+@dataclass(frozen=True)
+class EnsembleExport:
+    """A fold ensemble (`train --folds K`): member exports that score as one model, their probabilities
+    averaged, with thresholds tuned on the out-of-fold predictions of all of them."""
+
+    location: Location
+    members: tuple[ExportedModel, ...]
+    threshold: float
+    thresholds: tuple[float, ...]
+    config: dict
+    metrics: dict
+
+
+def save_ensemble(out_dir: Path | str, members: list[str], *, threshold: float, thresholds: np.ndarray, config: dict,
+                  metrics: dict) -> Path:
+    """`members`: the member exports' folders relative to the folder that holds `out_dir` (RUN/), so a run
+    folder can be moved or copied to a bucket whole. No weights of its own: the members' are the model."""
+    out = Path(out_dir)
+    meta = {"format": ENSEMBLE_FORMAT, "version": EXPORT_VERSION, "members": members, "threshold": threshold,
+            "thresholds": [round(float(t), 4) for t in thresholds], "config": config, "metrics": metrics}
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def _read_meta(path: Location) -> tuple[Location, dict]:
+    meta_path = path / "model.json"
     try:
-        path = locate(path)
-        meta_path, weights = path / "model.json", path / "model.pt"
-        for p in (meta_path, weights):
-            if not p.is_file():
-                raise ExportError(f"{path} is not a model export: {p.name} is missing (train writes RUN_DIR/export/)")
-        meta = json.loads(meta_path.read_bytes())
+        if not meta_path.is_file():
+            raise ExportError(f"{path} is not a model export: model.json is missing (train writes RUN_DIR/export/)")
+        return meta_path, json.loads(meta_path.read_bytes())
     except StorageError as e:
         raise ExportError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
+
+
+def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
+    """An export folder of either kind: one model, or a fold ensemble whose members load and agree on tags and
+    input size (each problem one line naming the member)."""
+    try:
+        path = locate(path)
+    except StorageError as e:
+        raise ExportError(str(e)) from None
+    meta_path, meta = _read_meta(path)
+    if meta.get("format") != ENSEMBLE_FORMAT:
+        return load_export(path)
+    try:
+        names, thresholds = [str(m) for m in meta["members"]], tuple(float(t) for t in meta["thresholds"])
+        threshold = float(meta["threshold"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ExportError(f"{meta_path}: missing or malformed field {e}") from None
+    members = []
+    for name in names:
+        try:
+            members.append(load_export(path.parent / name))
+        except ExportError as e:
+            raise ExportError(f"ensemble export {path}: member {name}: {e}") from None
+    for name, m in zip(names[1:], members[1:]):
+        if (m.tags, m.size) != (members[0].tags, members[0].size):
+            raise ExportError(f"ensemble export {path}: member {name} ({len(m.tags)} tags, {m.size}px) does not "
+                              f"match {names[0]} ({len(members[0].tags)} tags, {members[0].size}px)")
+    if not members or len(thresholds) != len(members[0].tags):
+        raise ExportError(f"{meta_path}: {len(members)} members, {len(thresholds)} thresholds")
+    return EnsembleExport(path, tuple(members), threshold, thresholds, meta.get("config", {}), meta.get("metrics", {}))
+
+
+def load_export(path: Path | str | Location) -> ExportedModel:
+    """Read an export folder (a path or a URI), failing with a clear message when it is missing or incompatible."""
+    try:
+        path = locate(path)
+    except StorageError as e:
+        raise ExportError(str(e)) from None
+    meta_path, meta = _read_meta(path)
+    weights = path / "model.pt"
+    if meta.get("format") == ENSEMBLE_FORMAT:
+        raise ExportError(f"{path} is a fold ensemble export: `planet-batch score --model {path}` scores it")
+    try:
+        if not weights.is_file():
+            raise ExportError(f"{path} is not a model export: model.pt is missing (train writes RUN_DIR/export/)")
+    except StorageError as e:
+        raise ExportError(str(e)) from None
     if meta.get("format") != EXPORT_FORMAT or meta.get("version") != EXPORT_VERSION:
         raise ExportError(
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported "

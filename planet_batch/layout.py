@@ -137,3 +137,11 @@ def split_indices(names: Sequence[str], valid_pct: float = 0.2, seed: int = 42) 
     perm = order[np.random.Generator(np.random.PCG64(seed)).permutation(len(names))]
     n_valid = int(round(valid_pct * len(names)))
     return np.sort(perm[n_valid:]), np.sort(perm[:n_valid])
+
+
+def fold_indices(names: Sequence[str], k: int, seed: int = 42) -> list[np.ndarray]:
+    """Seeded K-fold partition of `names`: K sorted index arrays, every index in exactly one, sizes within
+    one of each other; the same on every run, process and machine (as `split_indices`)."""
+    order = np.argsort(np.asarray(names, dtype=object), kind="stable")
+    perm = order[np.random.Generator(np.random.PCG64(seed)).permutation(len(names))]
+    return [np.sort(part) for part in np.array_split(perm, k)]

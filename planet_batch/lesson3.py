@@ -8,9 +8,9 @@ from pathlib import Path
 
 from planet_batch.config import ScoreConfig, TrainConfig
 from planet_batch.errors import PlanetBatchError
+from planet_batch.folds import train
 from planet_batch.score import ScoreSummary, run_scoring
 from planet_batch.submission import check_submission
-from planet_batch.train import run_training
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
 
     run_dir = Path(run_dir)
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
-    export = run_training(train_cfg, data_root, run_dir)
+    export = train(train_cfg, data_root, run_dir)  # one model, or with folds: K the fold ensemble
     summary = run_scoring(ScoreConfig(model=str(export), data=str(data_root), out=str(run_dir / "submission.csv"),
                                       threshold=threshold, tta=tta, overwrite=True, data_shared=train_cfg.data_shared,
                                       probs_out=str(run_dir / "probs.parquet")))

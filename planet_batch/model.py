@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,15 +192,14 @@ def inference(device: torch.device, precision: str | None = None) -> Iterator[No
         yield
 
 
-def compile_or_eager(model: nn.Module, example: torch.Tensor, device: torch.device, precision: str) -> nn.Module:
-    """`torch.compile(model)`, compiled now on `example` (the batch shape it will see), or the model itself with
-    one warning line when compiling fails: a compile problem never stops a job."""
+def compile_or_eager(model: nn.Module, warm_up: Callable[[nn.Module], object]) -> nn.Module:
+    """`torch.compile(model)`, compiled now by `warm_up(compiled)` (a call on the shapes it will see), or the model
+    itself with one warning line when compiling fails: a compile problem never stops a job."""
     try:
         compiled = torch.compile(model)
-        with inference(device, precision):
-            compiled(example)
+        warm_up(compiled)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure (Dynamo, Inductor, a missing C compiler)
-        log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, str(e).strip().splitlines()[0]
-                    if str(e).strip() else "")
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, first)
         return model

@@ -26,7 +26,7 @@ import numpy as np
 from planet_batch.assemble import Assembled, AssemblyError, assemble
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.errors import PlanetBatchError
-from planet_batch.export import ExportedModel, load_export
+from planet_batch.export import EnsembleExport, ExportedModel, load_model
 from planet_batch.labels import decode
 from planet_batch.layout import LayoutError, find_layout, submission_order, test_images
 from planet_batch.model import compile_or_eager, inference, resolve_precision
@@ -66,6 +66,7 @@ class Ensemble:
     """The exports that score together: each image decoded once at their common size, probabilities averaged."""
 
     members: tuple[ExportedModel, ...]
+    tuned: tuple[tuple[float, ...], ...]  # each --model's tuned thresholds (a fold ensemble's: out-of-fold)
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -77,8 +78,8 @@ class Ensemble:
 
     @property
     def thresholds(self) -> np.ndarray:
-        """Each member's tuned per-class thresholds, averaged."""
-        return np.mean([m.thresholds for m in self.members], axis=0)
+        """Each --model's tuned per-class thresholds, averaged."""
+        return np.mean(self.tuned, axis=0)
 
     def __str__(self) -> str:
         names = {f"{m.arch}@{m.size}" for m in self.members}
@@ -86,8 +87,11 @@ class Ensemble:
 
 
 def load_ensemble(paths: Sequence[str]) -> Ensemble:
-    """One export or several that agree on tags and input size (one line naming the odd one out)."""
-    members = tuple(load_export(p) for p in paths)
+    """One export or several that agree on tags and input size (one line naming the odd one out); a fold
+    ensemble export counts as its members, with its out-of-fold thresholds."""
+    loaded = [load_model(p) for p in paths]
+    members = tuple(m for x in loaded for m in (x.members if isinstance(x, EnsembleExport) else (x,)))
+    paths = [p for p, x in zip(paths, loaded) for _ in (x.members if isinstance(x, EnsembleExport) else (x,))]
     for path, m in zip(paths[1:], members[1:]):
         if m.tags != members[0].tags:
             raise ScoreError(f"--model {path} predicts other tags than --model {paths[0]}: an ensemble averages "
@@ -95,7 +99,7 @@ def load_ensemble(paths: Sequence[str]) -> Ensemble:
         if m.size != members[0].size:
             raise ScoreError(f"--model {path} takes {m.size}px images, --model {paths[0]} {members[0].size}px: an "
                              "ensemble decodes each image once, at one size")
-    return Ensemble(members)
+    return Ensemble(members, tuple(x.thresholds for x in loaded))
 
 
 def fingerprint(weights: bytes) -> str:
@@ -126,8 +130,11 @@ class Predictor:
         if compile:  # compiled now, on the one batch shape it will see (short batches are padded to it)
             example = torch.zeros(batch_size, 3, ensemble.size, ensemble.size, device=self.device)
             example = example.to(memory_format=torch.channels_last)
-            self.models = [(m, compile_or_eager(model, example, self.device, self.precision))
-                           for m, model in self.models]
+            def warm_up(model):
+                with inference(self.device, self.precision):
+                    model(example)
+
+            self.models = [(m, compile_or_eager(model, warm_up)) for m, model in self.models]
             self.compiled = all(isinstance(model, torch._dynamo.eval_frame.OptimizedModule) for _, model in self.models)
         self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
         log.info("predictor: %s, %s, %s", self.device, self.precision, "compiled" if self.compiled else "eager")
@@ -237,10 +244,13 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
 
 
 # torch.compile pays back its compile time once an actor scores this many images. Measured on the 2-core EPYC,
-# one thread per actor, batch 64 @128 (/tmp bench of the session note): compiling takes 8-12 s (24 s the first
-# time in a process) and saves, in bf16, 1.06 ms an image on resnet34 (87.4 -> 96.3 img/s: paid back after
-# ~8k images) and 0.23 ms on resnet18 (168.9 -> 175.7: ~45k images); in fp32 resnet18 77.6 -> 91.7 img/s.
-COMPILE_MIN_IMAGES = 20_000
+# one thread per actor, batch 64 @128: compiled bf16 saves 1.06 ms an image on resnet34 (87.4 -> 96.3 img/s) and
+# 0.23 ms on resnet18 (168.9 -> 175.7); compiling costs 8-12 s alone (24 s the first time in a process) but ~29 s
+# of wall time in the pipeline, where both actors compile at once on the cores that also decode (8,000 images:
+# 123.3 img/s eager vs 88.6 compiled). So on this CPU compiling pays after ~27k images per actor for resnet34 and
+# hardly ever for resnet18; 50k keeps auto eager for the Kaggle test set on a multi-core CPU and compiles for one
+# GPU actor scoring it all (61,191 images), where the gain is not measured here (no GPU).
+COMPILE_MIN_IMAGES = 50_000
 
 
 @dataclass(frozen=True)

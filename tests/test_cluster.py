@@ -89,7 +89,8 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
     work = out.parent / "submission.csv.parts"
-    command = f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --shard-rows 50"
+    command = (f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --shard-rows 50 "
+               "--precision fp32")
 
     def committed():
         return sum(pq.ParquetFile(p).metadata.num_rows for p in (work / "commits").glob("*.parquet")

@@ -103,3 +103,18 @@ def test_every_train_field_out_of_range_is_rejected_by_name(field, value):
 def test_every_score_field_out_of_range_is_rejected_by_name(field, value):
     with pytest.raises(ConfigError, match=re.escape(field)):
         from_dict(ScoreConfig, {"model": "m", "images": "i", field: value})
+
+
+def test_precision_and_compile_take_their_words_and_yaml_on_off(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("arch: resnet18\nprecision: bf16\ncompile: on\n"
+                 "stages: [{name: s, size: 32, epochs: 1, frozen: false, lr: 0.01}]\n")
+    assert (load_config(TrainConfig, p).precision, load_config(TrainConfig, p).compile) == ("bf16", "on")
+    assert load_config(TrainConfig, p, ["compile=off"]).compile == "off"  # YAML reads off as false
+    score = {"model": "m", "images": "i"}
+    assert from_dict(ScoreConfig, {**score, "compile": False}).compile == "off"
+    for field, value in [("precision", "fp16"), ("compile", "maybe"), ("precision", True)]:
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            from_dict(ScoreConfig, {**score, field: value})
+        with pytest.raises(ConfigError, match=re.escape(field)):
+            load_config(TrainConfig, p, [f"{field}={value}"])

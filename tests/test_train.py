@@ -50,6 +50,20 @@ def test_tiny_run_beats_the_best_constant_prediction(ray_local, learnable_root, 
     assert m["fbeta_tuned"] >= m["fbeta"] - 1e-9
 
 
+def test_a_compiled_bf16_run_records_its_mode_and_exports_plain_weights(ray_local, demo_root, tmp_path):
+    """compile: on + precision: bf16 train (a forward and backward compiled before the first batch); the run says
+    how it ran, and the export is weights + JSON that an eager model loads, as from any run."""
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": False, "lr": 0.01}]
+    export = run_training(cfg(stages, "workers=0", "compile=on", "precision=bf16"), demo_root, tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
+    assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", "True")]
+    weights = torch.load(export / "model.pt", weights_only=True)
+    assert not [k for k in weights if "_orig_mod" in k]
+    net = load_export(export).build()
+    assert not isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
+
+
 def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
     stages = [
         {"name": "stage-1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
