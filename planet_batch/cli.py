@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import types
 import typing
@@ -178,6 +179,18 @@ def add_train_options(s: argparse.ArgumentParser, config_default: str | None = N
     add_config_flags(s, TrainConfig, TRAIN_FLAGS)
 
 
+def console_log_rules() -> None:
+    """How Ray prints its workers' lines in this driver; read when Ray is imported, so set before that.
+
+    Ray folds lines that look alike once every word with a digit is dropped (its log deduplication):
+    the epoch table rows of folds trained side by side would be folded into "[repeated 3x across
+    cluster]", so lines of our loggers are never folded. The raylet's warning that more worker processes
+    started at once than it expected is dropped: K folds starting their worker groups together trigger it.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"planet_batch\.")
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", r"PYTHON worker processes have been started on node")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="planet-batch", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -251,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    console_log_rules()
     try:
         return args.func(args) or 0
     except PlanetBatchError as e:

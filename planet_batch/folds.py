@@ -21,12 +21,13 @@ import torch
 
 from planet_batch.config import TrainConfig, to_dict
 from planet_batch.data import Split, labelled_split
+from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, ExportError, load_export, save_ensemble
 from planet_batch.labels import TAGS
 from planet_batch.layout import fold_indices
 from planet_batch.metrics import fbeta, tune_thresholds
 from planet_batch.model import inference, resolve_precision
-from planet_batch.runtime import ensure_ray
+from planet_batch.runtime import check_capacity, ensure_ray
 from planet_batch.storage import Location, locate, write_atomic
 from planet_batch.train import TrainError, run_training
 from planet_batch.transforms import decode_image, to_model_input
@@ -92,13 +93,19 @@ def predict(export: ExportedModel, split: Split, precision: str, batch_size: int
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 
 
+# Settings that change how a run is carried out, not the model it trains: a rerun may change them.
+HOW_NOT_WHAT = ("parallel_folds", "max_failures", "storage", "autoscale", "placement_strategy", "data_shared")
+
+
 def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
-    """The fold's export when an earlier run of this same config finished it."""
+    """The fold's export when an earlier run of the same config finished it."""
     try:
         export = load_export(fold_dir / "export")
     except ExportError:
         return None
-    return export if export.config == to_dict(cfg) else None
+    same = {k: v for k, v in export.config.items() if k not in HOW_NOT_WHAT} == {
+        k: v for k, v in to_dict(cfg).items() if k not in HOW_NOT_WHAT}
+    return export if same else None
 
 
 def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> FoldResult:
@@ -121,6 +128,8 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
     data = locate(data_root)
     folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
     ensure_ray()
+    if not cfg.autoscale:
+        check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
     # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.
     parallel = 1 if cfg.workers == 0 else min(cfg.parallel_folds, cfg.folds) if cfg.parallel_folds \
         else folds_that_fit(cfg)
@@ -132,11 +141,12 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
         futures = [pool.submit(train_fold, cfg, data, run_dir, f) for f in folds]
         errors = [f.exception() for f in futures]
     failed = [(fold, e) for fold, e in zip(folds, errors) if e is not None]
-    if failed:
-        done = len(folds) - len(failed)
+    if failed:  # every other fold has finished (or failed) by now: what finished is kept
         fold, e = failed[0]
-        raise TrainError(f"{fold.name} failed ({e}); {done} of {len(folds)} folds finished and are kept: the same "
-                         "command again trains only the rest") from e
+        if not isinstance(e, PlanetBatchError):
+            raise e
+        raise TrainError(f"{fold.name}: {e} ({len(folds) - len(failed)} of {len(folds)} folds finished and are "
+                         "kept: the same command again trains only the others)") from None
     return write_results(cfg, run_dir, [f.result() for f in futures])
 
 

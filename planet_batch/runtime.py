@@ -69,6 +69,11 @@ def quiet_ray_console() -> None:
             handler.setLevel(logging.WARNING)
     # Its hint that progress bars are off (we turn them off: the epoch table and ProgressLine report).
     logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+    # Its warning that a dataset "will hang" when no CPU is free the moment it starts: with K folds side by
+    # side another fold's tasks hold the free CPU for a moment, and they end; check_capacity refuses the
+    # worker groups that would really starve Ray Data.
+    logging.getLogger("ray.data.dataset").addFilter(
+        lambda record: "does not have any available CPUs" not in record.getMessage())
     warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=r"ray\.")
 
 

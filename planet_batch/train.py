@@ -266,7 +266,8 @@ def train_stage_loop(config: dict) -> None:
         model.train()
         model = compile_or_eager(model, warm_up_step(cfg.batch_size, stage.size, device, precision))
     compiled = isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
-    log.info("worker %d: %s, %s, %s", rank, device, precision, "compiled" if compiled else "eager")
+    log.info("%sworker %d: %s, %s, %s", f"{config['fold']} " if config["fold"] else "", rank, device, precision,
+             "compiled" if compiled else "eager")
     setup = training_setup(raw, stage.lr, cfg.weight_decay, steps)
     start, history = restore(ray.train.get_checkpoint(), raw, setup)
     if rank == 0:

@@ -48,3 +48,25 @@ def test_train_and_score_print_the_epoch_table_and_results_only(demo_root, tmp_p
     assert any("scored 40 images" in line for line in score)
     assert f"submission: {tmp_path / 'submission.csv'}" in score
     print(f"console: {len(train)} lines for train, {len(score)} for score")
+
+
+def test_k_fold_training_prints_one_table_line_per_fold_epoch(demo_root, tmp_path):
+    """Two folds side by side: their rows arrive together and look alike to Ray's log deduplication (which drops
+    every word with a digit); each finished fold epoch still gets its own line, naming the fold."""
+    ray_tmp = tempfile.mkdtemp(prefix="pb-con-", dir="/tmp")
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_TMPDIR": ray_tmp}
+    try:
+        train = run("jobs/train.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root), "--out",
+                    str(tmp_path / "run"), "--set", "stages=[{name: s, size: 32, epochs: 2, frozen: false, lr: 0.01}]",
+                    "--set", "batch_size=8", "--folds", "2", "--workers", "1", "--cpus-per-worker", "0.5",
+                    tmp_env=env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    noise = [line for line in train if (NOISE.search(line) and not RAY_INTERNAL.search(line)) or "repeated" in line
+             or "worker processes have been started" in line or "available CPUs" in line]
+    assert noise == [], "\n".join(noise)
+    rows = sorted(tuple(line.split(": ")[-1].split()[:2]) for line in train
+                  if re.match(r"^fold-\d\s+\d+\s+\d\.\d{6}\s", line.split(": ")[-1]))
+    assert rows == [("fold-0", "0"), ("fold-0", "1"), ("fold-1", "0"), ("fold-1", "1")], train
+    assert any("2 folds of 80 labelled images (40 held out each), 2 at a time" in line for line in train), train
+    assert any("out of fold: F2" in line for line in train) and f"export: {tmp_path / 'run' / 'export'}" in train

@@ -17,7 +17,7 @@ from planet_batch.data import labelled_split
 from planet_batch.export import load_export, load_model
 from planet_batch.folds import make_folds, run_folds
 from planet_batch.labels import TAGS, decode
-from planet_batch.runtime import fault_file
+from planet_batch.runtime import CapacityError, fault_file
 from planet_batch.score import run_scoring
 from planet_batch.train import TrainError
 
@@ -115,9 +115,10 @@ def test_the_ensemble_export_scores_the_mean_of_its_folds_with_oof_thresholds(fo
 
 
 def test_a_rerun_keeps_the_finished_folds(folded, demo_root, caplog):
+    """The same command again (here one fold at a time: how it runs, not what it trains) trains nothing."""
     caplog.set_level("INFO")
     before = (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns
-    run_folds(cfg("folds=3", "max_failures=2"), demo_root, folded["run"])
+    run_folds(cfg("folds=3", "max_failures=2", "parallel_folds=1"), demo_root, folded["run"])
     assert (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns == before
     assert sum("finished by an earlier run" in r.getMessage() for r in caplog.records) == 3
 
@@ -128,6 +129,12 @@ def test_bad_fold_counts_are_one_line(demo_root):
             cfg(f"folds={k}")
     with pytest.raises(TrainError, match="folds: 81 folds of 80 labelled images"):
         make_folds(demo_root, 81, 0)
+
+
+def test_folds_that_cannot_be_placed_fail_before_any_starts(ray_local, demo_root, tmp_path):
+    with pytest.raises(CapacityError, match="4 workers x 1 CPUs = 4 CPUs asked for, the cluster has 2"):
+        run_folds(cfg("folds=3", "workers=4", "cpus_per_worker=1"), demo_root, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def run_cli(job, *args):
