@@ -245,11 +245,11 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
 
 # torch.compile pays back its compile time once an actor scores this many images. Measured on the 2-core EPYC,
 # one thread per actor, batch 64 @128: compiled bf16 saves 1.06 ms an image on resnet34 (87.4 -> 96.3 img/s) and
-# 0.23 ms on resnet18 (168.9 -> 175.7); compiling costs 8-12 s alone (24 s the first time in a process) but ~29 s
-# of wall time in the pipeline, where both actors compile at once on the cores that also decode (8,000 images:
-# 123.3 img/s eager vs 88.6 compiled). So on this CPU compiling pays after ~27k images per actor for resnet34 and
-# hardly ever for resnet18; 50k keeps auto eager for the Kaggle test set on a multi-core CPU and compiles for one
-# GPU actor scoring it all (61,191 images), where the gain is not measured here (no GPU).
+# 0.23 ms on resnet18 (168.9 -> 175.7); compiling costs 8-12 s alone (24 s the first time in a process) but 29-34 s
+# of wall time in the pipeline, where both actors compile at once on the cores that also decode (8,000 images, two
+# runs: 123.3 and 127.1 img/s eager vs 88.6 and 82.3 compiled). So on this CPU compiling pays after ~30k images per
+# actor for resnet34 and hardly ever for resnet18; 50k keeps auto eager for the Kaggle test set on a multi-core CPU
+# and compiles for one GPU actor scoring it all (61,191 images), where the gain is not measured here (no GPU).
 COMPILE_MIN_IMAGES = 50_000
 
 
