@@ -8,7 +8,6 @@ independent Ray Train runs, so the driver starts as many at once as the cluster 
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ import pandas as pd
 import torch
 
 from planet_batch.config import TrainConfig, to_dict
-from planet_batch.data import Split, labelled_split
+from planet_batch.data import Split, labelled_split, load_labelled_batch
 from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, ExportError, load_export, save_ensemble
 from planet_batch.labels import TAGS
@@ -29,8 +28,8 @@ from planet_batch.metrics import fbeta, tune_thresholds
 from planet_batch.model import inference, resolve_precision
 from planet_batch.runtime import check_capacity, ensure_ray
 from planet_batch.storage import Location, locate, write_atomic
-from planet_batch.train import TrainError, run_training
-from planet_batch.transforms import decode_image, to_model_input
+from planet_batch.train import TrainError, run_training, write_metrics
+from planet_batch.transforms import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +85,8 @@ def predict(export: ExportedModel, split: Split, precision: str, batch_size: int
     probs = []
     with inference(device, resolve_precision(precision, device)):
         for i in range(0, len(split), batch_size):
-            images = np.stack([decode_image(Location(split.fs, p).read_bytes(), export.size, p)
-                               for p in split.paths[i:i + batch_size]])
+            batch = {"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]}
+            images = load_labelled_batch(batch, export.size, augment=False, fs=split.fs)["image"]
             x = to_model_input(images, device, export.mean, export.std)
             probs.append(torch.sigmoid(model(x).float()).numpy())
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
@@ -165,14 +164,7 @@ def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult]) ->
              "fbeta_tuned": r.export.metrics.get("fbeta_tuned"), "time": round(r.seconds, 1)} for r in results]
     summary = {"fold": "oof", "n_train": "", "n_valid": len(names), "fbeta": fbeta(probs, targets, cfg.threshold),
                "fbeta_tuned": fbeta(probs, targets, thresholds), "time": round(sum(r.seconds for r in results), 1)}
-
-    def write_csv(p: Path):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=FOLD_COLUMNS)
-            w.writeheader()
-            w.writerows([*rows, summary])
-
-    write_atomic(run_dir / "metrics.csv", write_csv)
+    write_metrics(run_dir, [*rows, summary], FOLD_COLUMNS)
     export = save_ensemble(run_dir / "export", [f"{r.fold.name}/export" for r in results],
                            threshold=cfg.threshold, thresholds=thresholds, config=to_dict(cfg),
                            metrics={"oof_fbeta": summary["fbeta"], "oof_fbeta_tuned": summary["fbeta_tuned"],

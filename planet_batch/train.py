@@ -400,12 +400,13 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def write_metrics(run_dir: Path, rows: list[dict]) -> Path:
+def write_metrics(run_dir: Path, rows: list[dict], columns: tuple[str, ...] = METRIC_COLUMNS) -> Path:
+    """RUN_DIR/metrics.csv, atomically: a run's epoch rows (or, for K folds, folds.FOLD_COLUMNS)."""
     def write(p: Path):
         with p.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS)
+            w = csv.DictWriter(f, fieldnames=columns)
             w.writeheader()
-            w.writerows({k: r.get(k, "") for k in METRIC_COLUMNS} for r in rows)  # (older runs lack the mode)
+            w.writerows({k: r.get(k, "") for k in columns} for r in rows)  # (older runs lack the mode)
 
     write_atomic(run_dir / "metrics.csv", write)
     return run_dir / "metrics.csv"
