@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 import types
 import typing
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 
 from planet_batch.config import ScoreConfig, TrainConfig, load_config
 from planet_batch.errors import PlanetBatchError
-from planet_batch.runtime import setup_logging
+from planet_batch.runtime import setup_logging, stopped_by
 
 # Flags that set a config field, with their help. Each flag's type is the field's type in the config
 # dataclass, and its value goes into the config as that value (never re-parsed), so a flag documented
@@ -270,6 +272,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PlanetBatchError as e:
         print(f"planet-batch {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (runtime.stop_on_sigterm)
+        sig = stopped_by()
+        print(f"planet-batch {args.command}: {'stopped (SIGTERM)' if sig == signal.SIGTERM else 'interrupted'}",
+              file=sys.stderr)
+        # Then end at once, as a kill would. Ray Data and Ray Train have stopped what they own here (the scoring
+        # pipeline, a stage's run), and what was saved stays (shards, checkpoints) for the same command to
+        # resume; but K folds' threads wait inside Ray Train's fit, which only a main-thread handler can abort,
+        # and Ray's exit-time shutdown would race them (tracebacks). A local Ray goes with this process
+        # (Ray's fate sharing); on a cluster, the job's actors go with their driver.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + sig)
 
 
 if __name__ == "__main__":

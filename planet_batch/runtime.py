@@ -7,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,9 +98,34 @@ def ensure_ray() -> None:
                        if quiet else None)
         if quiet:
             quiet_ray_console()
+        stop_on_sigterm()
         # Ray's own default keeps a local dashboard and job API on 127.0.0.1, behind its token.
         log.info("%s Ray; dashboard: %s", "joined the" if joining else "started a local",
                  ctx.dashboard_url or "off")
+
+
+_stopped_by: list[int] = []  # SIGTERM once the handler below has run
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (`ray job stop`, a scheduler) stops the job as Ctrl-C does: a KeyboardInterrupt, on which Ray Data
+    and Ray Train shut their work down, and the CLI's one line (`stopped_by` tells the two apart).
+
+    `ray.init` leaves SIGTERM to the core worker's failure handler, which prints a C++ stack and aborts
+    (exit -6) without shutting anything down; a scheduler's stop is an ordinary request, not a crash.
+    Signal handlers belong to the main thread; elsewhere Ray's stays.
+    """
+    def terminate(signum, frame):
+        _stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, terminate)
+
+
+def stopped_by() -> int:
+    """The signal that interrupted this process: SIGTERM if `stop_on_sigterm`'s handler ran, else SIGINT."""
+    return _stopped_by[-1] if _stopped_by else signal.SIGINT
 
 
 def quiet_data_progress() -> None:

@@ -373,6 +373,7 @@ def write_shards(ds, work: WorkFolder, cfg: ScoreConfig, placement: dict | None,
                 f"no new shard in {cfg.stall_timeout_s:g} s ({watch.stalled}): the cluster cannot place the work; a "
                 "lost node, or too few CPUs for the actors plus the read tasks; the shards so far are kept, rerun "
                 "the same command to resume") from None
+        log.info("the shards written so far are kept in %s: the same command resumes", work.root)
         raise
 
 

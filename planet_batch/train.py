@@ -11,7 +11,9 @@ from __future__ import annotations
 import csv
 import itertools
 import logging
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -393,7 +395,18 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    result = trainer.fit()
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    except SystemExit:
+        # Ctrl-C (or SIGTERM) while Ray Train runs: its own SIGINT handler aborts the run, and Ray's blocking
+        # get then raises SystemExit(1); the CLI says so in one line.
+        raise KeyboardInterrupt from None
+    finally:
+        # fit() leaves its handler installed, and a later Ctrl-C (scoring, in lesson3) would abort the finished
+        # run's dead controller and exit 0.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     if result.checkpoint is None:
         raise TrainError(f"stage {stage.name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

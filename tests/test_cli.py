@@ -1,5 +1,12 @@
+import json
+import os
 import re
 import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -138,3 +145,38 @@ def test_user_errors_are_one_line_and_exit_2(argv, message, tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("sig,folds", [(signal.SIGTERM, 0), (signal.SIGINT, 2)],
+                         ids=["SIGTERM-one-run", "SIGINT-2-folds"])
+def test_a_stopped_training_ends_at_once_with_one_line(demo_root, tmp_path, sig, folds):
+    """SIGTERM (a scheduler's stop) or Ctrl-C mid-epoch: exit 143 / 130 within seconds, one line, no traceback,
+    no export. Two folds side by side wait inside Ray Train's fit in threads, which only a main-thread handler
+    can abort: Ctrl-C used to wait for every fold to finish."""
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps({"arch": "resnet18", "weights": "none", "batch_size": 8, "workers": 1,
+                                  "cpus_per_worker": 0.5, "precision": "fp32",
+                                  "stages": [{"name": "s", "size": 32, "epochs": 20, "frozen": False, "lr": 0.01}]}))
+    run = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, not this process's
+    argv = [sys.executable, "jobs/train.py", "--config", config, "--data", demo_root, "--out", run]
+    proc = subprocess.Popen([*argv, *(["--folds", str(folds), "--parallel-folds", "2"] if folds else [])],
+                            cwd=README.parent, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    row = re.compile(r"planet_batch\.train: (fold-\d)? *\d+ +\d\.\d+ ")  # an epoch row of the table
+    deadline = time.monotonic() + 240
+    while len({m[1] for m in map(row.search, list(lines)) if m}) < max(1, folds):  # every fold is training
+        assert proc.poll() is None and time.monotonic() < deadline, (proc.returncode, "".join(lines)[-3000:])
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    t0 = time.monotonic()
+    assert proc.wait(timeout=120) == 128 + sig
+    assert time.monotonic() - t0 < 20  # 20 epochs take minutes
+    reader.join(timeout=10)
+    said = "stopped (SIGTERM)" if sig == signal.SIGTERM else "interrupted"
+    after = "".join(lines).rsplit(" 0.", 1)[-1]  # from the last epoch row on
+    assert lines[-1] == f"planet-batch train: {said}\n" and "Traceback" not in after, after
+    assert not (run / "export").exists() and not (run / "oof.parquet").exists()

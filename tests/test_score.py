@@ -208,8 +208,11 @@ def uninterrupted(many_root, export64, tmp_path_factory):
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, uninterrupted, tmp_path, sig):
-    """The driver killed (SIGKILL), stopped by a scheduler (SIGTERM) or Ctrl-C once about half the rows are in
-    shards: no submission; the same command again scores only the rest and writes the same bytes."""
+    """The driver killed (SIGKILL), stopped by a scheduler (SIGTERM) or Ctrl-C once its first shards are in: no
+    submission; the same command again scores only the rest and writes the same bytes.
+
+    Interrupted early: the tasks Ray Data had started may still commit while the driver shuts down (once, on a
+    loaded CI machine, all of the 800 rows left after an interruption at 700)."""
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
     work = out.parent / "submission.csv.parts"
@@ -217,12 +220,17 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
     proc = subprocess.Popen(score_cmd(export64, many_root, out), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
-    while committed_rows(work) < 700 if work.exists() else True:
+    while committed_rows(work) == 0 if work.exists() else True:
         assert proc.poll() is None and time.monotonic() < deadline, "scoring ended before the interruption"
         time.sleep(0.2)
     proc.send_signal(sig)
     stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0 and not out.exists(), stderr[-2000:]
+    assert proc.returncode == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}[sig], stderr[-2000:]
+    assert not out.exists()
+    if sig != signal.SIGKILL:  # one line saying so, after where the shards are kept; no traceback
+        said = {signal.SIGTERM: "stopped (SIGTERM)", signal.SIGINT: "interrupted"}[sig]
+        assert stderr.splitlines()[-1] == f"planet-batch score: {said}" and "Traceback" not in stderr, stderr[-2000:]
+        assert f"the shards written so far are kept in {work}: the same command resumes" in stderr
     time.sleep(3)  # the dead driver's Ray finishes or drops the writes it had started
     kept = committed_rows(work)
 
@@ -231,7 +239,7 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
     assert "resuming: " in done.stderr and f"{kept} of 1500 images already scored" in done.stderr
     summary = json.loads((out.parent / "score_summary.json").read_text())
     # Nothing committed is scored again or lost: the rerun computes exactly the rows that had no shard.
-    assert 700 <= summary["resumed_images"] == kept < 1500
+    assert 0 < summary["resumed_images"] == kept < 1500
     assert summary["scored_images"] == 1500 - kept and summary["images"] == 1500
     assert out.read_bytes() == uninterrupted
     assert not work.exists()

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -70,7 +71,10 @@ def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
         {"name": "stage-2", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]},
     ]
     run = tmp_path / "run"
+    sigint = signal.getsignal(signal.SIGINT)
     export = run_training(cfg(stages), demo_root, run)
+    # Ray Train's fit leaves its Ctrl-C handler behind, which would abort a finished run and exit 0 later
+    assert signal.getsignal(signal.SIGINT) is sigint
 
     rows = metrics_rows(run)
     assert [(r["stage"], int(r["epoch"])) for r in rows] == [("stage-1", 0), ("stage-1", 1), ("stage-2", 0)]
