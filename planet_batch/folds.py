@@ -129,7 +129,7 @@ def in_threads(fn: Callable, items: Sequence, parallel: int) -> list[Future]:
     Not a ThreadPoolExecutor: the interpreter joins its threads before exiting, and a fold's thread waits
     inside Ray Train's fit, which only a handler in the main thread can abort (Ray Train's own, for a run
     in the main thread). Ctrl-C or SIGTERM in the main thread then waited for every fold to finish. Daemon
-    threads end with the driver, and so do the folds' runs; their checkpoints stay for the rerun.
+    threads end with the driver, and so do the folds' runs; the finished folds stay for the rerun to keep.
     """
     todo: queue.SimpleQueue = queue.SimpleQueue()
     futures = [Future() for _ in items]
