@@ -278,9 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         # Then end at once, as a kill would. Ray Data and Ray Train have stopped what they own here (the scoring
         # pipeline, a stage's run), and what was saved stays (the shards a rerun resumes from, stage files,
-        # finished folds); but K folds' threads wait inside Ray Train's fit, which only a main-thread handler can abort,
-        # and Ray's exit-time shutdown would race them (tracebacks). A local Ray goes with this process
-        # (Ray's fate sharing); on a cluster, the job's actors go with their driver.
+        # finished folds); but K folds' threads wait inside Ray Train's fit, which only a main-thread handler
+        # can abort: Python's exit would wait for them (and Ray's exit-time shutdown race them, tracebacks).
+        # A local Ray goes with this process (Ray's fate sharing); on a cluster, the job's actors go with
+        # their driver.
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -9,11 +9,8 @@ independent Ray Train runs, so the driver starts as many at once as the cluster 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,37 +120,6 @@ def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> F
     return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
 
 
-def in_threads(fn: Callable, items: Sequence, parallel: int) -> list[Future]:
-    """fn(item) for each item in order, `parallel` at a time, on daemon threads.
-
-    Not a ThreadPoolExecutor: the interpreter joins its threads before exiting, and a fold's thread waits
-    inside Ray Train's fit, which only a handler in the main thread can abort (Ray Train's own, for a run
-    in the main thread). Ctrl-C or SIGTERM in the main thread then waited for every fold to finish. Daemon
-    threads end with the driver, and so do the folds' runs; the finished folds stay for the rerun to keep.
-    """
-    todo: queue.SimpleQueue = queue.SimpleQueue()
-    futures = [Future() for _ in items]
-    for pair in zip(items, futures):
-        todo.put(pair)
-
-    def work():
-        while True:
-            try:
-                item, future = todo.get_nowait()
-            except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn(item))
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread, as an executor does
-                future.set_exception(e)
-
-    for i in range(parallel):
-        threading.Thread(target=work, name=f"fold-runner-{i}", daemon=True).start()
-    return futures
-
-
 def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
     """Train `cfg.folds` folds (each a run folder RUN/fold-i), write RUN/oof.parquet and RUN/metrics.csv, and
     export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export."""
@@ -170,13 +136,17 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
              sum(len(f.held_out) for f in folds), len(folds[0].held_out), parallel, run_dir)
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
     # stays on this machine, and Ray schedules the folds' worker groups side by side.
-    futures = in_threads(lambda f: train_fold(cfg, data, run_dir, f), folds, parallel)
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
+    futures = [pool.submit(train_fold, cfg, data, run_dir, f) for f in folds]
     try:
         errors = [f.exception() for f in futures]
-    except KeyboardInterrupt:  # the folds not started stay so; the running ones end with this driver
-        for f in futures:
-            f.cancel()
+    except KeyboardInterrupt:
+        # Not the executor's `with`, whose exit waits for the running folds: they wait inside Ray Train's fit,
+        # which only a main-thread handler can abort, so Ctrl-C used to wait for every fold to finish. The folds
+        # not started are dropped; the CLI ends the driver at once, and the running folds' runs with it.
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
+    pool.shutdown()
     failed = [(fold, e) for fold, e in zip(folds, errors) if e is not None]
     if failed:  # every other fold has finished (or failed) by now: what finished is kept
         fold, e = failed[0]

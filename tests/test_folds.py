@@ -165,4 +165,3 @@ def test_bad_ensemble_exports_and_fold_counts_fail_with_one_line_from_the_cli(fo
         "planet-batch train: error: folds: 500 folds of 80 labelled images; at most one fold per image"), bad.stderr
     assert not (tmp_path / "t").exists()
     assert load_export(folded["run"] / "fold-0" / "export").size == 32
-
