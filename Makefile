@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	test -f $(DEMO)/data/train_v2.csv || $(BIN)/planet-batch demo-data $(DEMO)/data
+	$(BIN)/planet-batch import-weights
 	$(BIN)/planet-batch show-batch --data $(DEMO)/data --out $(DEMO)/batch.png
 	$(BIN)/python jobs/train.py --config jobs/configs/demo.yaml --data $(DEMO)/data --out $(DEMO)/run
 	$(BIN)/python jobs/score.py --model $(DEMO)/run/export --data $(DEMO)/data --out $(DEMO)/submission.csv \

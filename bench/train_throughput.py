@@ -23,7 +23,7 @@ from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, set_frozen, training_setup
+from planet_batch.model import build_model, normalization, set_frozen, training_setup
 from planet_batch.runtime import setup_logging
 from planet_batch.train import run_training
 from planet_batch.transforms import augment_batch, decode_image, to_model_input
@@ -37,6 +37,7 @@ def plain_loop_epoch_rate(paths, targets, args) -> float:
     setup = training_setup(model, 0.01, 1e-2, 2 * steps)
     opt, sched, loss_fn = setup.optimizer, setup.scheduler, setup.loss_fn
     rng = np.random.default_rng(0)
+    norm = normalization(args.arch)
     rate = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
@@ -44,7 +45,7 @@ def plain_loop_epoch_rate(paths, targets, args) -> float:
         for b in range(steps):
             idx = order[b * args.batch_size:(b + 1) * args.batch_size]
             images = np.stack([decode_image(Path(paths[i]).read_bytes(), args.size) for i in idx])
-            x = to_model_input(augment_batch(images, rng))
+            x = to_model_input(augment_batch(images, rng), "cpu", norm)
             loss = loss_fn(model(x), torch.from_numpy(targets[idx]))
             opt.zero_grad(set_to_none=True)
             loss.backward()

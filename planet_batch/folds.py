@@ -87,7 +87,7 @@ def predict(export: ExportedModel, split: Split, precision: str, batch_size: int
         for i in range(0, len(split), batch_size):
             batch = {"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]}
             images = load_labelled_batch(batch, export.size, augment=False, fs=split.fs)["image"]
-            x = to_model_input(images, device, export.mean, export.std)
+            x = to_model_input(images, device, export.normalization)
             probs.append(torch.sigmoid(model(x).float()).numpy())
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 

@@ -15,7 +15,7 @@ from planet_batch.config import TrainConfig
 from planet_batch.data import labelled_dataset, train_valid_split
 from planet_batch.errors import PlanetBatchError
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model, set_frozen, training_setup
+from planet_batch.model import build_model, normalization, set_frozen, training_setup
 from planet_batch.transforms import to_model_input
 
 log = logging.getLogger(__name__)
@@ -90,16 +90,17 @@ def run_lr_find(cfg: TrainConfig, data_root: Path | str, out: Path | str, num_it
     stage = cfg.stages[0]
     data = locate(data_root)
     train, _ = train_valid_split(data, cfg.valid_pct, cfg.seed)
+    model = build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout)  # bad weights: before Ray
     ensure_ray()
-    model = build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout)
     set_frozen(model, stage.frozen)
     torch.set_num_threads(cfg.torch_threads or torch.get_num_threads())
     ds = labelled_dataset(train, stage.size, augment=True, label_selector=read_placement(data, cfg.data_shared))
+    norm = normalization(cfg.arch)
 
     def batches():
         while True:  # as many epochs as num_it needs
             for b in ds.iter_torch_batches(batch_size=cfg.batch_size, drop_last=True):
-                yield to_model_input(b["image"]), b["target"].float()
+                yield to_model_input(b["image"], "cpu", norm), b["target"].float()
 
     result = lr_sweep(model, batches(), num_it=num_it, weight_decay=cfg.weight_decay)
     plot_lr_find(result.lrs, result.losses, result.suggestion, out)

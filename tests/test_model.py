@@ -1,22 +1,24 @@
+import numpy as np
 import pytest
 import torch
 import torchvision
 from torch import nn
 
 from planet_batch.model import (
-    WeightsError,
     build_model,
     compile_or_eager,
     cpu_flags,
     group_lrs,
     inference,
     layer_groups,
+    normalization,
     one_cycle,
     param_groups,
     resolve_precision,
     set_frozen,
-    torchvision_resnet,
+    training_setup,
 )
+from planet_batch.weights import WeightsError, torchvision_resnet
 
 
 def test_head_is_fastais():
@@ -50,8 +52,54 @@ def test_layer_groups_cover_every_parameter_once():
 
 
 def test_discriminative_lrs():
-    assert group_lrs(0.01) == pytest.approx([0.001, 0.001, 0.01])
-    assert group_lrs((1e-5, 1e-3)) == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert group_lrs(0.01, 3) == pytest.approx([0.001, 0.001, 0.01])
+    assert group_lrs((1e-5, 1e-3), 3) == pytest.approx([1e-5, 1e-4, 1e-3])
+    assert group_lrs(0.01, 2) == pytest.approx([0.001, 0.01]) and group_lrs((1e-5, 2e-3), 2) == [1e-5, 2e-3]
+
+
+LITE0 = "timm/tf_efficientnet_lite0"
+
+
+@pytest.mark.parametrize("arch, groups", [("resnet18", 3), (LITE0, 2), ("timm/resnet18", 2)])
+def test_each_layer_group_gets_its_learning_rate(arch, groups):
+    """fastai's splits: a torchvision ResNet in three groups, any timm body as body + head (`default_split`)."""
+    model = build_model(arch, 17)
+    setup = training_setup(model, (1e-5, 2e-3), 1e-2, total_steps=100)
+    for _ in range(29):  # the one-cycle peak, at 30% of the steps
+        setup.optimizer.step()
+        setup.scheduler.step()
+    peaks = [g["lr"] for g in setup.optimizer.param_groups]
+    assert peaks == pytest.approx(group_lrs((1e-5, 2e-3), groups), rel=1e-6) and peaks[0] == pytest.approx(1e-5)
+    owned = [{id(p) for p in g["params"]} for g in setup.optimizer.param_groups]
+    assert owned[-1] == {id(p) for p in model[1].parameters()}  # the head, at the highest rate
+    assert set().union(*owned[:-1]) == {id(p) for p in model[0].parameters()}
+    assert sum(map(len, owned)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("arch", ["resnet18", LITE0])
+def test_a_frozen_epoch_moves_only_the_head_and_batchnorm(arch):
+    """Tensor by tensor, through the training step itself: fastai's freeze with train_bn."""
+    from planet_batch.train import train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_model(arch, 17)
+    set_frozen(model, True)
+    setup = training_setup(model, 0.01, 1e-2, total_steps=4)
+    before = {k: v.clone() for k, v in model.named_parameters()}
+    rng = np.random.default_rng(0)
+    batches = [{"image": torch.from_numpy(rng.integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)),
+                "target": torch.from_numpy((rng.random((8, 17)) < 0.3).astype(np.float32))} for _ in range(4)]
+    train_one_epoch(model, iter(batches), setup, CPU, normalization(arch), "test:{batch}", "fp32")
+    batchnorm = {f"{name}.{p}" for name, m in model.named_modules()
+                 if isinstance(m, nn.modules.batchnorm._BatchNorm) for p in ("weight", "bias")}
+    for name, p in model.named_parameters():
+        moved = not torch.equal(p, before[name])
+        if name.startswith("1."):
+            assert moved, f"head {name} did not train"
+        elif name in batchnorm:
+            assert moved, f"body BatchNorm {name} did not train (train_bn)"
+        else:
+            assert not moved, f"frozen body weight {name} changed"
 
 
 def test_one_cycle_per_group_with_beta_cycling():

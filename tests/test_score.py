@@ -21,11 +21,10 @@ from planet_batch.demo_data import write_demo_data
 from planet_batch.export import ExportError, load_export, save_export
 from planet_batch.labels import TAGS, decode
 from planet_batch.layout import LayoutError, read_sample_submission
-from planet_batch.model import build_model
+from planet_batch.model import build_model, normalization
 from planet_batch.runtime import fault_file
 from planet_batch.score import ScoreError, run_scoring
 from planet_batch.submission import check_submission
-from planet_batch.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 pytestmark = pytest.mark.ray
 SIZE = 32
@@ -40,7 +39,7 @@ def export_dir(tmp_path_factory):
     thresholds = np.linspace(0.1, 0.5, len(TAGS))
     return save_export(
         tmp_path_factory.mktemp("export") / "export", model.state_dict(), arch="resnet18", tags=TAGS, size=SIZE,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=0.2, thresholds=thresholds, dropout=0.5, config={},
+        normalization=normalization("resnet18"), threshold=0.2, thresholds=thresholds, dropout=0.5, config={},
         metrics={},
     )
 
@@ -285,12 +284,15 @@ def test_thresholds_change_without_rescoring_and_a_corrupt_shard_is_rescored(ray
     assert not (tmp_path / "submission.csv.parts").exists()
 
 
-def test_an_ensemble_scores_the_mean_of_its_members(ray_local, demo_root, export_dir, tmp_path):
+def test_an_ensemble_scores_the_mean_of_its_members(ray_local, lite0_hub, demo_root, export_dir, tmp_path):
+    """A resnet18 and a pretrained Lite0: each image decoded once, each member normalised its own way."""
     other = tmp_path / "other"
+    lite0 = "timm/tf_efficientnet_lite0"
     torch.manual_seed(1)
-    save_export(other, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=SIZE,
-                mean=(0.4, 0.4, 0.4), std=(0.2, 0.25, 0.3), threshold=0.2, thresholds=np.linspace(0.3, 0.1, len(TAGS)),
-                dropout=0.5, config={}, metrics={})
+    save_export(other, build_model(lite0, len(TAGS), weights="imagenet").state_dict(), arch=lite0, tags=TAGS,
+                size=SIZE, normalization=normalization(lite0), threshold=0.2,
+                thresholds=np.linspace(0.3, 0.1, len(TAGS)), dropout=0.5, config={}, metrics={})
+    assert load_export(other).normalization != load_export(export_dir).normalization
     single = []
     for i, model in enumerate([export_dir, other]):
         run_scoring(ScoreConfig(model=str(model), data=str(demo_root), out=str(tmp_path / f"{i}.csv"),

@@ -94,6 +94,29 @@ def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
 
 
+def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_local, lite0_hub, demo_root, tmp_path):
+    """timm/tf_efficientnet_lite0 with its ImageNet weights: the frozen stage starts from them and keeps them, the
+    export carries the body's own normalisation, and scoring that export reproduces the run's last validation."""
+    from planet_batch.folds import predict
+    from planet_batch.metrics import fbeta
+    from planet_batch.transforms import Normalization
+    from planet_batch.weights import timm_model
+
+    lite0 = "timm/tf_efficientnet_lite0"
+    stages = [{"name": "frozen", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01},
+              {"name": "unfrozen", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-5, 2e-3]}]
+    run = tmp_path / "run"
+    export = load_export(run_training(cfg(stages, f"arch={lite0}", "weights=imagenet", "precision=fp32"), demo_root,
+                                      run))
+    assert export.arch == lite0 and export.normalization == Normalization((0.5,) * 3, (0.5,) * 3)
+    imagenet = timm_model("tf_efficientnet_lite0", "imagenet").state_dict()
+    frozen = torch.load(run / "stages" / "frozen.pt", weights_only=True)["model"]
+    assert torch.equal(frozen["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])  # frozen: unchanged
+    assert not torch.equal(export.load_state()["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])
+    _, valid = train_valid_split(demo_root, 0.2, 42)
+    assert fbeta(predict(export, valid, "fp32"), valid.targets, 0.2) == pytest.approx(export.metrics["fbeta"])
+
+
 def test_validation_is_decoded_once_per_stage_and_sliced_across_workers(ray_local, demo_root):
     from ray.data.dataset import MaterializedDataset
 

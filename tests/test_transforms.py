@@ -6,9 +6,8 @@ import torch
 from PIL import Image
 
 from planet_batch.transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     DecodeError,
+    Normalization,
     augment_batch,
     decode_batch,
     decode_image,
@@ -102,8 +101,9 @@ def test_augment_keeps_shape_and_changes_pixels():
 
 def test_to_model_input_normalises_into_channels_last():
     images = np.full((2, 8, 8, 3), 255, dtype=np.uint8)
-    x = to_model_input(images)
+    norm = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    x = to_model_input(images, "cpu", norm)
     assert x.shape == (2, 3, 8, 8) and x.dtype == torch.float32
     assert x.is_contiguous(memory_format=torch.channels_last)
-    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    expected = (1 - torch.tensor(norm.mean)) / torch.tensor(norm.std)
     assert torch.allclose(x[0, :, 0, 0], expected, atol=1e-5)
