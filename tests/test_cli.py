@@ -68,7 +68,7 @@ def readme_commands() -> list[list[str]]:
 def test_the_readme_documents_every_subcommand():
     used = {c[0] for c in readme_commands()}
     assert used >= {"train", "score", "lr-find", "lesson3", "show-batch", "check-submission", "download", "submit",
-                    "demo-data"}, used
+                    "demo-data", "import-weights"}, used
 
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
