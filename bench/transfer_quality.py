@@ -88,6 +88,7 @@ df = pd.DataFrame({"name": spec["train"] + spec["valid"], "tags": spec["train_ta
                    "is_valid": [False] * len(spec["train"]) + [True] * len(spec["valid"])})
 size = spec["stages"][0]["size"]
 dls = ImageDataLoaders.from_df(df, spec["images"], fn_col=0, suff=".jpg", label_col=1, label_delim=" ",
+                               y_block=MultiCategoryBlock(vocab=list(TAGS)),  # a rare tag may be in valid only
                                valid_col="is_valid", item_tfms=Resize(size), bs=64, seed=spec["seed"],
                                batch_tfms=aug_transforms(flip_vert=True, max_lighting=0.1, max_zoom=1.05,
                                                          max_warp=0.))
@@ -157,7 +158,8 @@ def main():
             for fw in args.frameworks:
                 r = {"recipe": args.recipe, "framework": fw, "seed": seed, **runners[fw](args, seed, Path(tmp))}
                 print(f"{fw:>13} seed {seed:>3}: F2 {r['f2']:.4f} at 0.2, {r['f2_tuned']:.4f} tuned, "
-                      f"{r['wall_s']:.0f} s", flush=True)
+                      f"{r['wall_s']:.0f} s", file=sys.stderr, flush=True)
+                print(json.dumps(r), flush=True)
                 results.append(r)
     summary = {fw: {k: float(np.mean([r[k] for r in results if r["framework"] == fw]))
                     for k in ("f2", "f2_tuned", "wall_s")} for fw in args.frameworks}
