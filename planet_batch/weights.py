@@ -68,11 +68,13 @@ def read_state_file(path: Path | str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_into(net: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str, classifier: str) -> None:
-    """`state` into `net` strictly, except the ImageNet classifier (`classifier.*`), which the Planet head replaces;
-    a state for another architecture names its first missing and unexpected keys."""
-    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
-    wanted = {k: v.shape for k, v in net.state_dict().items() if not k.startswith(classifier + ".")}
+def load_into(net: nn.Module, state: dict[str, torch.Tensor], arch: str, source: str,
+              classifier: str | tuple[str, ...]) -> None:
+    """`state` into `net` strictly, except the ImageNet classifier (`classifier.*`; timm names one or several),
+    which the Planet head replaces; a state for another architecture names its first missing and unexpected keys."""
+    heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
+    state = {k: v for k, v in state.items() if not k.startswith(heads)}
+    wanted = {k: v.shape for k, v in net.state_dict().items() if not k.startswith(heads)}
     missing = [k for k in wanted if k not in state]
     # (weights before buffers: a safetensors file lists its int64 BatchNorm counters first)
     unexpected = sorted((k for k in state if k not in wanted), key=lambda k: k.endswith("num_batches_tracked"))
@@ -130,7 +132,11 @@ def missing_hub_weights(name: str, cfg, error: Exception) -> str:
     """Exactly which file to put where when timm's weights are neither cached nor downloadable."""
     from huggingface_hub import constants
 
-    repo = cfg.hf_hub_id or ""
+    if not cfg.hf_hub_id:  # weights that timm fetches from a URL into the torch cache
+        target = Path(torch.hub.get_dir()) / "checkpoints" / Path(cfg.url).name
+        return (f"ImageNet weights for timm/{name} are not in the torch cache and cannot be downloaded "
+                f"({first_line(error)}). Put {target.name} (from {cfg.url}) at {target}, or pass weights: PATH")
+    repo = cfg.hf_hub_id
     where = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
     packaged = f"; or run `planet-batch import-weights --arch timm/{name}`" if packaged_weights(name) else ""
     return (f"ImageNet weights for timm/{name} are not in the Hugging Face cache and cannot be downloaded "
