@@ -6,14 +6,19 @@ import os
 import shutil
 import signal
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+from reference import plain_probs
 
-from planet_batch.config import ConfigError, TrainConfig, load_config
+from planet_batch.config import ConfigError, ScoreConfig, TrainConfig, load_config
 from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
+from planet_batch.labels import TAGS
 from planet_batch.runtime import CapacityError, fault_file
+from planet_batch.score import run_scoring
 from planet_batch.submission import check_submission
 from planet_batch.train import TrainError, run_training, stage_datasets
 
@@ -115,6 +120,14 @@ def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_lo
     assert not torch.equal(export.load_state()["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])
     _, valid = train_valid_split(demo_root, 0.2, 42)
     assert fbeta(predict(export, valid, "fp32"), valid.targets, 0.2) == pytest.approx(export.metrics["fbeta"])
+    # Scored as any export: with TTA, in bf16, through Ray Data, within the stated bf16 bound of the fp32 loop.
+    run_scoring(ScoreConfig(model=str(run / "export"), data=str(demo_root), out=str(tmp_path / "s.csv"),
+                            probs_out=str(tmp_path / "p.parquet"), tta=True, precision="bf16", batch_size=8))
+    probs = pq.read_table(tmp_path / "p.parquet").to_pandas()
+    paths = [demo_root / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg"
+             for n in probs["image_name"]]
+    expected = plain_probs(run / "export", paths, 32, tta=True)
+    assert 0 < np.abs(probs[list(TAGS)].to_numpy() - expected).max() < 0.02
 
 
 def test_validation_is_decoded_once_per_stage_and_sliced_across_workers(ray_local, demo_root):
