@@ -45,10 +45,16 @@ def stop(proc):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except subprocess.TimeoutExpired:
+        pass
+    except ProcessLookupError:
+        return
+    # Then whatever of its group is still draining: a GCS left running makes the next local Ray's Ray Train
+    # placement-group cleaner find "multiple active Ray instances" and print a traceback (the console test).
+    try:
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     except ProcessLookupError:
         pass
+    proc.wait(timeout=30)
 
 
 def can_unshare() -> bool:
