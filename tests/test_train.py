@@ -109,7 +109,7 @@ def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_lo
 
     lite0 = "timm/tf_efficientnet_lite0"
     stages = [{"name": "frozen", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01},
-              {"name": "unfrozen", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-5, 2e-3]}]
+              {"name": "unfrozen", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]}]
     run = tmp_path / "run"
     export = load_export(run_training(cfg(stages, f"arch={lite0}", "weights=imagenet", "precision=fp32"), demo_root,
                                       run))
