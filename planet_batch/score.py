@@ -346,12 +346,19 @@ class ShardProgress:
                 return
 
     def __enter__(self) -> ShardProgress:
+        self._sigint = signal.getsignal(signal.SIGINT)
+        if self._limit and self._sigint in (signal.SIG_IGN, signal.SIG_DFL):
+            # A job started with SIGINT ignored (`nohup`, `cmd &` in a script) would never see the watcher's
+            # signal and hang at a stall: Python's own handler for the write, as an interactive run has.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        if self._limit:
+            signal.signal(signal.SIGINT, self._sigint)
 
 
 def write_shards(ds, work: WorkFolder, cfg: ScoreConfig, placement: dict | None, total: int, resumed: int) -> None:

@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -14,6 +15,11 @@ from planet_batch.demo_data import write_demo_data
 HUB_CACHE = Path(tempfile.mkdtemp(prefix="planet-batch-tests-hub-"))
 os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+# A suite started in the background (`make test &`, nohup) inherits SIGINT ignored, and so would every process it
+# starts: the tests that stop a job with Ctrl-C need it delivered, as from a terminal.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -327,9 +327,15 @@ def test_a_stall_fails_loudly_and_keeps_the_shards(tmp_path, monkeypatch):
             return 3
 
     monkeypatch.setattr(ShardProgress, "POLL_S", 0.05)
-    watch = ShardProgress(Frozen(), 9, 0, 0.3)
-    t0 = time.perf_counter()
-    with pytest.raises(KeyboardInterrupt):
-        with watch:
-            time.sleep(30)
-    assert time.perf_counter() - t0 < 5 and watch.stalled == "3 of 9 images scored"
+    for inherited in (signal.default_int_handler, signal.SIG_IGN):  # SIG_IGN: started by `nohup` or `cmd &`
+        signal.signal(signal.SIGINT, inherited)
+        try:
+            watch = ShardProgress(Frozen(), 9, 0, 0.3)
+            t0 = time.perf_counter()
+            with pytest.raises(KeyboardInterrupt):
+                with watch:
+                    time.sleep(30)
+            assert signal.getsignal(signal.SIGINT) is inherited  # put back after the write
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        assert time.perf_counter() - t0 < 5 and watch.stalled == "3 of 9 images scored"
