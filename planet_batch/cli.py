@@ -29,6 +29,8 @@ TRAIN_FLAGS = {
     "folds": "K-fold: train K models, each holding out one K-th (OUT/fold-i/), tune thresholds on all out-of-fold "
              "predictions and export the ensemble (OUT/export/)",
     "parallel_folds": "folds trained at once (default: as many as the cluster holds)",
+    "overwrite": "start the run folder over; without it the same command resumes an interrupted run where it "
+                 "stopped, and another config on that folder is refused",
 }
 SCORE_FLAGS = {
     "model": "export folder, e.g. RUN_DIR/export (a path or a URI); repeat it to score an ensemble",

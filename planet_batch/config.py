@@ -93,6 +93,9 @@ class TrainConfig:
     # `parallel_folds` at a time (0: as many as the cluster holds).
     folds: int = 0
     parallel_folds: int = 0
+    # A run folder holds one run: the same config resumes it where it stopped, another is refused;
+    # `overwrite` starts over (for K folds: every fold).
+    overwrite: bool = False
 
     def __post_init__(self):
         if self.arch not in TORCHVISION_ARCHS and not (self.arch.startswith(TIMM_PREFIX) and self.arch != TIMM_PREFIX):
@@ -127,6 +130,12 @@ class TrainConfig:
         _check_range("parallel_folds", self.parallel_folds, 0, 1000)
         if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
             raise ConfigError(f"placement_strategy: unknown {self.placement_strategy!r}")
+
+
+# Settings that change how a run is carried out, not the model it trains: a rerun on the same run folder (or of a
+# K-fold run's finished folds) may change them.
+HOW_NOT_WHAT = ("parallel_folds", "max_failures", "storage", "autoscale", "placement_strategy", "data_shared",
+                "overwrite")
 
 
 def _check_choice(name, value, choices):

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from planet_batch.config import TrainConfig, to_dict
+from planet_batch.config import ConfigError, TrainConfig, from_dict, to_dict
 from planet_batch.data import Split, labelled_split, load_labelled_batch
 from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, ExportError, load_export, save_ensemble
@@ -28,7 +28,7 @@ from planet_batch.metrics import fbeta, tune_thresholds
 from planet_batch.model import inference, resolve_precision
 from planet_batch.runtime import check_capacity, ensure_ray
 from planet_batch.storage import Location, locate, write_atomic
-from planet_batch.train import TrainError, run_training, write_metrics
+from planet_batch.train import TrainError, claim_run_folder, run_training, same_run, write_metrics
 from planet_batch.transforms import to_model_input
 
 log = logging.getLogger(__name__)
@@ -92,19 +92,14 @@ def predict(export: ExportedModel, split: Split, precision: str, batch_size: int
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 
 
-# Settings that change how a run is carried out, not the model it trains: a rerun may change them.
-HOW_NOT_WHAT = ("parallel_folds", "max_failures", "storage", "autoscale", "placement_strategy", "data_shared")
-
-
 def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
-    """The fold's export when an earlier run of the same config finished it."""
+    """The fold's export when an earlier run of the same config finished it (none with `overwrite`)."""
     try:
         export = load_export(fold_dir / "export")
-    except ExportError:
+        earlier = from_dict(TrainConfig, export.config)
+    except (ExportError, ConfigError):
         return None
-    same = {k: v for k, v in export.config.items() if k not in HOW_NOT_WHAT} == {
-        k: v for k, v in to_dict(cfg).items() if k not in HOW_NOT_WHAT}
-    return export if same else None
+    return export if not cfg.overwrite and same_run(earlier, cfg) is None else None
 
 
 def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> FoldResult:
@@ -126,6 +121,8 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
+    for f in folds:  # as is another config on a fold's run folder
+        claim_run_folder(run_dir / f.name, cfg)
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts

@@ -138,24 +138,28 @@ def quiet_data_progress() -> None:
 
 
 class ProgressLine:
-    """One log line every `every_s` seconds: items done of the total, rate, and time left."""
+    """One log line every `every_s` seconds: items done of the total, rate, time left and a `detail`. With
+    `longer_than_s`, only for work on course to take longer than that (a short epoch prints no progress)."""
 
-    def __init__(self, what: str, total: int, every_s: float = 10.0, done: int = 0):
-        self.what, self.total, self.every_s = what, total, every_s
+    def __init__(self, what: str, total: int, every_s: float = 10.0, done: int = 0, label: str = "",
+                 longer_than_s: float = 0.0):
+        self.what, self.total, self.every_s, self.label, self.longer_than_s = what, total, every_s, label, longer_than_s
         self.done = self.start = done  # `done` already at the start (a resumed run): not in the rate
         self.t0 = self.last = time.perf_counter()
 
     def __str__(self) -> str:
-        return f"{self.done:,} of {self.total:,} {self.what}"
+        return f"{self.label}{self.done:,} of {self.total:,} {self.what}"
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, detail: str = "") -> None:
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every_s and self.done < self.total:
-            self.last = now
             rate = (self.done - self.start) / (now - self.t0)
+            if rate and (self.total - self.start) / rate < self.longer_than_s:
+                return
+            self.last = now
             left = int((self.total - self.done) / rate) if rate else 0
-            log.info("%s, %.1f/s, %d:%02d left", self, rate, left // 60, left % 60)
+            log.info("%s, %.1f/s, %d:%02d left%s", self, rate, left // 60, left % 60, f", {detail}" if detail else "")
 
 
 class CapacityError(PlanetBatchError, RuntimeError):
@@ -201,19 +205,24 @@ def fault_file(fault_dir: Path | str, point: str, state: str = "arm") -> Path:
 
 
 def maybe_inject_fault(point: str) -> None:
-    """Test-only: SIGKILL this process when a test has armed `point`.
+    """Test-only: SIGKILL this process, or hang it, when a test has armed `point`.
 
     Tests set PLANET_BATCH_FAULT_DIR before Ray starts (so every worker inherits it) and
-    arm a point by creating POINT.arm there; the first process to reach it renames the
-    file to POINT.fired (atomic, so exactly one dies) and kills itself, and the retry
-    passes. Outside tests the variable is unset and this is one dictionary lookup.
+    arm a point by creating POINT.arm (a kill) or POINT.hang (this process stops there, until it is killed)
+    there; the first process to reach it renames the file to POINT.fired or POINT.hanging (atomic, so exactly
+    one is hit), and the retry or rerun passes. Outside tests the variable is unset and this is one lookup.
     """
     fault_dir = os.environ.get(FAULT_DIR_ENV)
     if not fault_dir:
         return
-    try:
-        os.rename(fault_file(fault_dir, point), fault_file(fault_dir, point, "fired"))
-    except FileNotFoundError:
-        return
-    log.warning("fault injection: killing pid %d at %s", os.getpid(), point)
-    os.kill(os.getpid(), signal.SIGKILL)
+    for armed, hit in (("arm", "fired"), ("hang", "hanging")):
+        try:
+            os.rename(fault_file(fault_dir, point, armed), fault_file(fault_dir, point, hit))
+        except FileNotFoundError:
+            continue
+        if armed == "arm":
+            log.warning("fault injection: killing pid %d at %s", os.getpid(), point)
+            os.kill(os.getpid(), signal.SIGKILL)
+        log.warning("fault injection: pid %d hangs at %s", os.getpid(), point)
+        while True:
+            time.sleep(3600)

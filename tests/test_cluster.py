@@ -171,3 +171,42 @@ def test_a_local_ray_keeps_its_dashboard_on_loopback_and_wants_the_token(tmp_pat
         proc.stdin.close()
         proc.wait(timeout=60)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_path):
+    """Ray Train storage on the local S3 server: the head of a 2-node cluster stopped in the second epoch of the
+    second stage (the job dies with it); a new cluster, the same job: it goes on from the latest checkpoint."""
+    import pyarrow.fs as pafs
+    from clusters import s3_server, s3fs
+
+    from planet_batch.demo_data import write_demo_data
+    from planet_batch.runtime import FAULT_DIR_ENV, fault_file
+
+    data = write_demo_data(tmp_path / "data", n_train=80, n_test=4, n_additional=2, seed=3)
+    faults, run = tmp_path / "faults", tmp_path / "run"
+    faults.mkdir()
+    stages = ("[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}, "
+              "{name: s2, size: 32, epochs: 3, frozen: false, lr: [1.0e-4, 2.0e-3]}]")
+    command = (f"python jobs/train.py --config jobs/configs/demo.yaml --data {data} --out {run} --set arch=resnet18 "
+               f"--set weights=none --set 'stages={stages}' --set batch_size=16 --set precision=fp32 "
+               "--storage s3://planet/ray-train")
+    fault_file(faults, "train:s2:1:1:0", "hang").touch()  # stage s2, epoch 1, batch 1, rank 0
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    with s3_server(tmp_path) as s3_env:
+        s3fs(s3_env).create_dir("planet")
+        env = {**s3_env, FAULT_DIR_ENV: str(faults)}
+        with two_node_cluster(tmp_path / "first", env=env) as c:
+            submit(client(c), command)
+            wait_for(fault_file(faults, "train:s2:1:1:0", "hanging").exists, 300, "the second epoch of s2")
+            stop(c["head"])
+        assert not (run / "export").exists()
+        on_s3 = s3fs(s3_env).get_file_info(pafs.FileSelector("planet/ray-train", recursive=True))
+        assert any(f.path.endswith("state.pt") for f in on_s3), [f.path for f in on_s3]  # the checkpoints are there
+        with two_node_cluster(tmp_path / "second", env=env) as c:
+            logs = run_job(c, command)
+    assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in logs, logs[-3000:]
+    assert "stage s1:" not in logs
+    epochs = [line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert epochs == [["s1", "0"], ["s2", "0"], ["s2", "1"], ["s2", "2"]]
+    assert (run / "export" / "model.json").exists() and (run / "stages" / "s1.pt").exists()

@@ -3,8 +3,13 @@
 import csv
 import json
 import os
+import re
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -17,12 +22,13 @@ from planet_batch.data import train_valid_split
 from planet_batch.demo_data import write_demo_data
 from planet_batch.export import load_export
 from planet_batch.labels import TAGS
-from planet_batch.runtime import CapacityError, fault_file
+from planet_batch.runtime import FAULT_DIR_ENV, CapacityError, fault_file
 from planet_batch.score import run_scoring
 from planet_batch.submission import check_submission
 from planet_batch.train import TrainError, run_training, stage_datasets
 
 pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = [
     "arch=resnet18",
@@ -130,14 +136,15 @@ def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_lo
     assert 0 < np.abs(probs[list(TAGS)].to_numpy() - expected).max() < 0.02
 
 
-def test_validation_is_decoded_once_per_stage_and_sliced_across_workers(ray_local, demo_root):
+def test_validation_is_decoded_once_per_size_and_sliced_across_workers(ray_local, demo_root):
     from ray.data.dataset import MaterializedDataset
 
     train, valid = train_valid_split(demo_root, 0.2, 42)
-    datasets = stage_datasets(train, valid, 32, world=3)
-    assert sorted(datasets) == ["train", "valid_0", "valid_1", "valid_2"]
-    assert not isinstance(datasets["train"], MaterializedDataset)  # fresh augmentations every epoch
-    slices = [datasets[f"valid_{r}"] for r in range(3)]
+    datasets = stage_datasets(train, valid, [32, 48, 32], world=3)  # one set per size, not per stage
+    assert sorted(datasets) == ["train_32", "train_48", *[f"valid_{s}_{r}" for s in (32, 48) for r in range(3)]]
+    assert not isinstance(datasets["train_32"], MaterializedDataset)  # fresh augmentations every epoch
+    assert next(datasets["valid_48_0"].iter_rows())["image"].shape == (48, 48, 3)
+    slices = [datasets[f"valid_32_{r}"] for r in range(3)]
     assert all(isinstance(d, MaterializedDataset) for d in slices)
     rows = [row for d in slices for row in d.iter_rows()]
     assert len(rows) == len(valid) and rows[0]["image"].shape == (32, 32, 3)
@@ -192,7 +199,7 @@ def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tm
 
     monkeypatch.setattr(train, "ensure_ray", lambda: None)
     monkeypatch.setattr(train, "check_capacity", lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
-    monkeypatch.setattr(train, "fit_stage", stop_before_training)
+    monkeypatch.setattr(train, "fit_run", stop_before_training)
     monkeypatch.setattr(train, "quiet_data_progress", lambda: None)
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     with pytest.raises(RuntimeError, match="reached Ray Train"):
@@ -262,3 +269,82 @@ def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_l
     assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3, 4]
     # Same seed, same data; only shuffling and augmentation draws differ between the two runs.
     assert abs(hit["fbeta"] - calm["fbeta"]) < 0.1 and abs(hit["valid_loss"] - calm["valid_loss"]) < 0.1, (calm, hit)
+
+
+# ----------------------------------------------------------------------------------------------
+# One Ray Train run per job: a killed or stopped driver, the same command again
+
+
+TWO_STAGES = {"arch": "resnet18", "weights": "none", "batch_size": 16, "workers": 1, "cpus_per_worker": 0.5,
+              "precision": "fp32", "stages": [{"name": "s1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
+                                              {"name": "s2", "size": 48, "epochs": 3, "frozen": False,
+                                               "lr": [1e-4, 2e-3]}]}
+ROW = re.compile(r"planet_batch\.train: (?:fold-\d +)?(\d+) +\d\.\d+ ")  # an epoch row of the table
+
+
+def train_cli(config: Path, data: Path, run: Path, faults: Path, *extra: str) -> subprocess.Popen:
+    """`python jobs/train.py` as a user runs it, in its own process group with its own local Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
+    return subprocess.Popen([sys.executable, "jobs/train.py", "--config", str(config), "--data", str(data),
+                             "--out", str(run), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_driver_resumes_mid_stage_and_runs_each_epoch_once(demo_root, tmp_path, sig):
+    """The driver's process group SIGKILLed (or SIGTERMed) in the second epoch of the second stage: the same
+    command goes on from the checkpoint of the epoch before, prints only the epochs it still had to run, and
+    metrics.csv and losses.png hold every (stage, epoch) once."""
+    config, run, faults = tmp_path / "two.yaml", tmp_path / "run", tmp_path / "faults"
+    config.write_text(json.dumps(TWO_STAGES))
+    faults.mkdir()
+    fault_file(faults, "train:s2:1:1:0", "hang").touch()  # stage s2, epoch 1, batch 1, rank 0
+    first = train_cli(config, demo_root, run, faults)
+    wait_for(fault_file(faults, "train:s2:1:1:0", "hanging"), first)
+    os.killpg(first.pid, sig) if sig == signal.SIGKILL else first.send_signal(sig)  # a kill takes the group
+    out = first.communicate(timeout=60)[0]
+    assert first.returncode == -sig if sig == signal.SIGKILL else first.returncode == 128 + sig, out[-3000:]
+    assert "export" not in out and not (run / "export").exists()
+
+    again = train_cli(config, demo_root, run, faults)
+    out = again.communicate(timeout=400)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in out
+    assert "stage s1:" not in out and [int(m[1]) for m in ROW.finditer(out)] == [1, 2]  # only what was left
+    assert [(r["stage"], int(r["epoch"])) for r in metrics_rows(run)] == [
+        ("s1", 0), ("s1", 1), ("s2", 0), ("s2", 1), ("s2", 2)]
+    for name, epochs in (("s1", 1), ("s2", 2)):
+        saved = torch.load(run / "stages" / f"{name}.pt", weights_only=True)
+        assert saved["metrics"]["epoch"] == epochs and saved["size"] == {"s1": 32, "s2": 48}[name]
+    assert torch.load(run / "stages" / "s2.pt", weights_only=True)["resumed_after"] == [0]
+    assert load_export(run / "export").metrics["n_valid"] == 16 and (run / "losses.png").stat().st_size > 5000
+
+
+def test_another_config_on_a_run_folder_is_refused_and_overwrite_starts_over(demo_root, tmp_path):
+    config, run, faults = tmp_path / "two.yaml", tmp_path / "run", tmp_path / "faults"
+    faults.mkdir()
+    short = {**TWO_STAGES, "stages": [{**TWO_STAGES["stages"][0], "epochs": 1}]}
+    config.write_text(json.dumps(short))
+    assert train_cli(config, demo_root, run, faults).wait(timeout=400) == 0
+    first_export = (run / "export" / "model.pt").read_bytes()
+
+    changed = train_cli(config, demo_root, run, faults, "--set", "stages.0.epochs=2")
+    out = changed.communicate(timeout=120)[0].strip().splitlines()
+    assert changed.returncode == 2 and out == [
+        f"planet-batch train: error: run folder {run} holds a run of another config (stages[0].epochs: 1 -> 2): "
+        "the same config resumes it, --overwrite starts over"], out
+    assert (run / "export" / "model.pt").read_bytes() == first_export  # nothing touched
+
+    over = train_cli(config, demo_root, run, faults, "--set", "stages.0.epochs=2", "--overwrite")
+    out = over.communicate(timeout=400)[0]
+    assert over.returncode == 0, out[-3000:]
+    assert "resuming" not in out and [int(m[1]) for m in ROW.finditer(out)] == [0, 1]
+    assert [(r["stage"], int(r["epoch"])) for r in metrics_rows(run)] == [("s1", 0), ("s1", 1)]
