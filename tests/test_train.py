@@ -143,7 +143,7 @@ def test_validation_is_decoded_once_per_size_and_sliced_across_workers(ray_local
     datasets = stage_datasets(train, valid, [32, 48, 32], world=3)  # one set per size, not per stage
     assert sorted(datasets) == ["train_32", "train_48", *[f"valid_{s}_{r}" for s in (32, 48) for r in range(3)]]
     assert not isinstance(datasets["train_32"], MaterializedDataset)  # fresh augmentations every epoch
-    assert next(datasets["valid_48_0"].iter_rows())["image"].shape == (48, 48, 3)
+    assert next(iter(datasets["valid_48_0"].iter_rows()))["image"].shape == (48, 48, 3)
     slices = [datasets[f"valid_32_{r}"] for r in range(3)]
     assert all(isinstance(d, MaterializedDataset) for d in slices)
     rows = [row for d in slices for row in d.iter_rows()]
