@@ -633,10 +633,12 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> dict:
         ends = [c for c, m in result.best_checkpoints if m.get("stage_end")]
     else:  # local mode keeps no ranking: every epoch's checkpoint is a folder of its own
         ends = [Checkpoint.from_directory(d) for d in sorted(Path(local).glob("checkpoint_*"))]
-    for state in map(read_state, ends):
+    states = {c.path: read_state(c) for c in ends}
+    for state in states.values():
         if "valid_probs" in state:  # (a stage's last epoch)
             log.info("stage %s saved to %s", cfg.stages[state["stage"]].name, save_stage(run_dir, cfg, state))
-    final = read_state(result.checkpoint)
+    # The run's last checkpoint is the last stage's end, read above (a download, with storage on S3)
+    final = states.get(result.checkpoint.path) or read_state(result.checkpoint)
     history = final["history"]
     write_metrics(run_dir, history["epochs"])
     per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
