@@ -45,6 +45,11 @@ class Stage:
     # None: continue from the previous stage (the first stage starts from `weights`).
     start_from: str | None = None
 
+    @property
+    def start_file(self) -> str | None:
+        """`start_from` when it is a saved stage file (.pt), not a stage of this config."""
+        return self.start_from if self.start_from and self.start_from.endswith(".pt") else None
+
     def __post_init__(self):
         where = f"stage {self.name!r}"
         if not self.name or "/" in self.name:
@@ -107,7 +112,7 @@ class TrainConfig:
         for i, st in enumerate(self.stages):
             if st.name in seen:
                 raise ConfigError(f"stages[{i}].name: duplicate stage name {st.name!r}")
-            if st.start_from is not None and not st.start_from.endswith(".pt") and st.start_from not in seen:
+            if st.start_from is not None and st.start_file is None and st.start_from not in seen:
                 raise ConfigError(
                     f"stages[{i}].start_from: {st.start_from!r} is not an earlier stage "
                     f"(earlier: {seen or 'none'}) nor a saved stage file (.pt)"

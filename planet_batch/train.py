@@ -443,13 +443,12 @@ def initial_state(cfg: TrainConfig) -> dict:
 def start_files(cfg: TrainConfig) -> dict[str, dict]:
     """The saved stage files (.pt) that later stages start from, read here: the workers get them through the
     object store, wherever they run."""
-    return {st.name: load_stage_file(st.start_from) for st in cfg.stages[1:]
-            if st.start_from is not None and st.start_from.endswith(".pt")}
+    return {st.name: load_stage_file(st.start_file) for st in cfg.stages[1:] if st.start_file}
 
 
 def kept_stages(cfg: TrainConfig) -> list[str]:
     """The stages of this config that a later stage starts from: their final weights travel in the checkpoints."""
-    return sorted({st.start_from for st in cfg.stages if st.start_from and not st.start_from.endswith(".pt")})
+    return sorted({st.start_from for st in cfg.stages if st.start_from and not st.start_file})
 
 
 def stage_datasets(train: Split, valid: Split, sizes: Iterable[int], world: int,
@@ -568,7 +567,7 @@ def check_batches(cfg: TrainConfig, n_train: int) -> None:
 
 def check_start_files(cfg: TrainConfig) -> None:
     for i, st in enumerate(cfg.stages):
-        if st.start_from and st.start_from.endswith(".pt") and not Path(st.start_from).is_file():
+        if st.start_file and not Path(st.start_file).is_file():
             raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
 
 
