@@ -104,6 +104,11 @@ def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = Non
         cluster["head_id"] = next(n["raylet"]["nodeId"] for n in nodes if n["raylet"].get("isHeadNode"))
         cluster["worker_id"] = next((n["raylet"]["nodeId"] for n in nodes if not n["raylet"].get("isHeadNode")), None)
         yield cluster
+    except BaseException:
+        # Ray's own logs (agents, raylets, GCS) go next to the node logs, for whoever reads the failure.
+        with contextlib.suppress(OSError):
+            shutil.copytree(ray_tmp / "session_latest" / "logs", tmp / "ray-logs", dirs_exist_ok=True)
+        raise
     finally:
         for p in reversed(procs):
             stop(p)
@@ -150,8 +155,9 @@ def client(cluster):
     return JobSubmissionClient(cluster["url"], headers={"Authorization": f"Bearer {cluster['token']}"})
 
 
-def submit(jobs, entrypoint, timeout=90) -> str:
-    """Submit with this checkout as the working dir; a new head's job agent can need a while to come up."""
+def submit(jobs, entrypoint, timeout=240) -> str:
+    """Submit with this checkout as the working dir; a new head's job agent can need a while to come up (CI once
+    saw a second cluster, started right after the first was stopped, refuse for over 80 s)."""
     end = time.time() + timeout
     while True:
         try:
