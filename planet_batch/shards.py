@@ -7,7 +7,7 @@
 Ray Data's job-level checkpointing (`CheckpointConfig`) writes the shards with a two-phase commit:
 the ids go to `commits/X.pending.parquet`, then the shard `shards/X-0.parquet`, then the pending file is
 renamed. A committed id file therefore means a whole shard. Its resume side is not used, for two measured
-reasons (README "Resumable scoring"): its `CheckpointFilter` is a pool of actors of one CPU and 1 GiB each
+reasons (docs/scoring.md, "Resuming"): its `CheckpointFilter` is a pool of actors of one CPU and 1 GiB each
 placed between the read and the decode; with the scoring actors that left no CPU for the read and decode
 tasks on a 2-core machine and the rerun hung (Ray Data: "2.5/2 CPU", no row in 60 s). It also reads every
 already-scored image again only to drop it. Instead the driver reads the committed ids here, and the

@@ -33,19 +33,20 @@ def test_bad_data_root_is_a_clean_error(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# Every command line in README.md, extracted from the file so the docs cannot drift from the parser.
+# Every command line in README.md and docs/*.md, extracted from the files so the docs cannot drift from the parser.
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = sorted((README.parent / "docs").glob("*.md"))
 
 
 def readme_commands() -> list[list[str]]:
-    """`planet-batch ...` and `python jobs/...` lines of README.md as argv lists for `main`.
+    """`planet-batch ...` and `python jobs/...` lines of README.md and docs/*.md as argv lists for `main`.
 
     Code blocks and inline code spans that carry a flag; continuation lines are joined, comments
     dropped, `ray job submit ... --` prefixes cut, optional `[...]` parts kept, and each `a|b`
     alternative becomes a command line of its own.
     """
-    text = README.read_text()
+    text = "\n".join(p.read_text() for p in [README, *DOCS])
     blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = [ln for b in blocks for ln in b.replace("\\\n", " ").splitlines()]
     lines += [span for span in re.findall(r"`([^`\n]+)`", text) if " --" in span]

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NOISE = re.compile(r"ERROR|\bE\b|Deprecat|Reporting training result|Progress bars disabled|Traceback")
 # Ray's core worker logs this at ERROR for every actor whose constructor arguments are object references and
 # that may restart (ray-project/ray#53727): Ray Data's own map actors and Ray Train's PreemptionWatcher pass
-# theirs so, and no option of ours changes it. README.md ("The console") lists it with the reason.
+# theirs so, and no option of ours changes it. docs/console.md lists it with the reason.
 # And Ray's GCS at the driver's exit, when a scoring actor's process is gone before its kill RPC arrives (seen in
-# CI on a slower 2-core machine; README.md, "The console").
+# CI on a slower 2-core machine; docs/console.md).
 RAY_INTERNAL = re.compile(r"core_worker\.cc:\d+: Actor with class name: '(PreemptionWatcher|MapWorker\(MapBatches"
                           r"\(Predictor\)\))' .* has constructor arguments in the object store and max_restarts > 0"
                           r"|\(gcs_server\) gcs_actor_scheduler\.cc:\d+: Failed to kill actor \w+, return status: "

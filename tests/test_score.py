@@ -79,7 +79,7 @@ def test_submission_is_complete_ordered_and_matches_a_plain_loop(ray_local, demo
 
 # bf16 vs fp32 probabilities. Measured on a resnet18@128 trained on the real chips (bench/precision_quality.py):
 # six exports (3 seeds x fp32/bf16-trained), 840 held-out chips: at most 0.0166 apart, decisions agreeing on
-# 99.93% of (image, tag) pairs at 0.2; the README states 0.02.
+# 99.93% of (image, tag) pairs at 0.2; docs/precision.md states 0.02.
 BF16_MAX_ABS_DIFF = 0.02
 
 
