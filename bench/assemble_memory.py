@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from planet_batch.assemble import PART_ROWS, assemble
-from planet_batch.labels import TAGS
-from planet_batch.storage import locate
+from planet_batch.cluster.storage import locate
+from planet_batch.data.labels import TAGS
+from planet_batch.scoring.assemble import PART_ROWS, assemble
 
 SHARD_ROWS = 1000
 
@@ -49,7 +49,7 @@ def make_shards(folder: Path, n: int) -> None:
 def assemble_once(n: int, part_rows: int, tmp: Path) -> dict:
     """Assemble and write the outputs as `planet-batch score` does, streaming; the order is streamed too."""
     from planet_batch.config import ScoreConfig
-    from planet_batch.score import write_outputs
+    from planet_batch.scoring.score import write_outputs
 
     t0 = time.perf_counter()
     order = (names(lo, min(lo + 65_536, n)) for lo in range(0, n, 65_536))

@@ -19,13 +19,13 @@ import time
 import numpy as np
 import torch
 
-from planet_batch.data import train_valid_split
+from planet_batch.cluster.runtime import setup_logging
+from planet_batch.cluster.storage import Location
+from planet_batch.data.datasets import train_valid_split
+from planet_batch.data.transforms import decode_image, to_model_input
 from planet_batch.export import load_export
-from planet_batch.metrics import fbeta
 from planet_batch.model import compile_or_eager, inference
-from planet_batch.runtime import setup_logging
-from planet_batch.storage import Location
-from planet_batch.transforms import decode_image, to_model_input
+from planet_batch.training.metrics import fbeta
 
 
 def main():

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from planet_batch.cluster.runtime import setup_logging
 from planet_batch.config import ScoreConfig
-from planet_batch.demo_data import render, sample_tag_sets
+from planet_batch.data.demo_data import render, sample_tag_sets
+from planet_batch.data.labels import TAGS, decode
+from planet_batch.data.submission import write_submission
+from planet_batch.data.transforms import decode_image, to_model_input
 from planet_batch.export import load_export, save_export
-from planet_batch.labels import TAGS, decode
 from planet_batch.model import build_model, inference, normalization
-from planet_batch.runtime import setup_logging
-from planet_batch.submission import write_submission
-from planet_batch.transforms import decode_image, to_model_input
 
 
 def make_images(folder: Path, n: int) -> list[Path]:
@@ -94,7 +94,7 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
     (rows committed between 25% and 90% of the run)."""
     import pyarrow.parquet as pq
 
-    from planet_batch import score
+    from planet_batch.scoring import score
 
     t0 = time.perf_counter()
     score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
@@ -116,7 +116,7 @@ def peak_rss_mb(n: int, arch: str, size: int) -> float:
     code = (
         "import sys, resource, tempfile, ray; from pathlib import Path; sys.argv=['x'];"
         "from bench.score_throughput import make_images, make_export;"
-        "from planet_batch.score import run_scoring; from planet_batch.config import ScoreConfig;"
+        "from planet_batch.scoring.score import run_scoring; from planet_batch.config import ScoreConfig;"
         f"d=Path(tempfile.mkdtemp()); make_images(d/'img', {n}); e=make_export(d/'export', '{arch}', {size});"
         "ray.init(num_cpus=2, log_to_driver=False);"
         "run_scoring(ScoreConfig(model=str(e), images=str(d/'img'), out=str(d/'s.csv')));"

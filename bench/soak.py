@@ -18,9 +18,9 @@ from pathlib import Path
 import psutil
 
 from bench.score_throughput import make_export, make_images
+from planet_batch.cluster.runtime import setup_logging
 from planet_batch.config import ScoreConfig
-from planet_batch.runtime import setup_logging
-from planet_batch.score import run_scoring
+from planet_batch.scoring.score import run_scoring
 
 
 def sample(stop: threading.Event, samples: list):

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAMP = re.compile(r"(\d\d:\d\d:\d\d) INFO planet_batch\.\w+: (.*)")
+STAMP = re.compile(r"(\d\d:\d\d:\d\d) INFO planet_batch\.[\w.]+: (.*)")
 
 
 def seconds(stamp: str) -> int:

@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from planet_batch.cluster.runtime import setup_logging
 from planet_batch.config import TrainConfig, load_config
-from planet_batch.data import train_valid_split
-from planet_batch.demo_data import write_demo_data
+from planet_batch.data.datasets import train_valid_split
+from planet_batch.data.demo_data import write_demo_data
+from planet_batch.data.labels import TAGS
+from planet_batch.data.transforms import augment_batch, decode_image, to_model_input
 from planet_batch.export import load_export
-from planet_batch.labels import TAGS
 from planet_batch.model import build_model, normalization, set_frozen, training_setup
-from planet_batch.runtime import setup_logging
-from planet_batch.train import run_training
-from planet_batch.transforms import augment_batch, decode_image, to_model_input
+from planet_batch.training.train import run_training
 
 
 def plain_loop_epoch_rate(paths, targets, args) -> float:

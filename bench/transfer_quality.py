@@ -41,8 +41,8 @@ RECIPES = {
 
 def chips(data: Path, test_chips: int, test_seed: int, seed: int):
     """(train, valid, test) Splits: the fixed test chips, and the seed's 80/20 split of the rest."""
-    from planet_batch.data import labelled_split
-    from planet_batch.layout import split_indices
+    from planet_batch.data.datasets import labelled_split
+    from planet_batch.data.layout import split_indices
 
     every = labelled_split(data)
     pool_idx, test_idx = split_indices(every.names, test_chips / len(every), test_seed)
@@ -52,18 +52,18 @@ def chips(data: Path, test_chips: int, test_seed: int, seed: int):
 
 
 def scores(test_probs, test_targets, valid_probs, valid_targets) -> dict:
-    from planet_batch.metrics import fbeta, tune_thresholds
+    from planet_batch.training.metrics import fbeta, tune_thresholds
 
     thresholds = tune_thresholds(valid_probs, valid_targets, start=0.2)
     return {"f2": fbeta(test_probs, test_targets, 0.2), "f2_tuned": fbeta(test_probs, test_targets, thresholds)}
 
 
 def run_planet_batch(args, seed: int, out: Path) -> dict:
+    from planet_batch.cluster.runtime import ensure_ray
     from planet_batch.config import TrainConfig, from_dict, load_config, to_dict
     from planet_batch.export import load_export
-    from planet_batch.folds import predict
-    from planet_batch.runtime import ensure_ray
-    from planet_batch.train import run_training
+    from planet_batch.training.folds import predict
+    from planet_batch.training.train import run_training
 
     train, valid, test = chips(args.data, args.test_chips, args.test_seed, seed)
     base = load_config(TrainConfig, ROOT / "jobs/configs/lesson3-lite0.yaml")
@@ -81,7 +81,7 @@ FASTAI_RUN = r'''
 import json, sys, time
 import numpy as np, pandas as pd, torch
 from fastai.vision.all import *
-from planet_batch.labels import TAGS
+from planet_batch.data.labels import TAGS
 spec = json.loads(sys.argv[1])
 torch.manual_seed(spec["seed"]); np.random.seed(spec["seed"])
 df = pd.DataFrame({"name": spec["train"] + spec["valid"], "tags": spec["train_tags"] + spec["valid_tags"],
@@ -114,7 +114,7 @@ print("RESULT " + json.dumps({"valid": in_tags_order(valid).tolist(), "test": in
 
 
 def run_fastai(args, seed: int, out: Path) -> dict:
-    from planet_batch.labels import TAGS
+    from planet_batch.data.labels import TAGS
     from planet_batch.weights import import_packaged
 
     train, valid, test = chips(args.data, args.test_chips, args.test_seed, seed)
@@ -148,7 +148,7 @@ def main():
     p.add_argument("--test-seed", type=int, default=1000)
     p.add_argument("--precision", default="auto", help="planet-batch's training precision")
     args = p.parse_args()
-    from planet_batch.runtime import setup_logging
+    from planet_batch.cluster.runtime import setup_logging
 
     setup_logging()
     runners = {"planet-batch": run_planet_batch, "fastai": run_fastai}

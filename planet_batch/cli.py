@@ -11,96 +11,77 @@ import types
 import typing
 from collections.abc import Sequence
 
+from planet_batch.cluster.runtime import setup_logging, stopped_by
 from planet_batch.config import ScoreConfig, TrainConfig, load_config
 from planet_batch.errors import PlanetBatchError
-from planet_batch.runtime import setup_logging, stopped_by
-
-# Flags that set a config field, with their help. Each flag's type is the field's type in the config
-# dataclass, and its value goes into the config as that value (never re-parsed), so a flag documented
-# here parses to exactly what the config wants: `--threshold 0.2` is the string "0.2", `--out 2024` a path.
-TRAIN_FLAGS = {
-    "workers": "Ray Train workers; 0 runs everything in the driver",
-    "cpus_per_worker": "CPUs per worker (the rest of the cluster decodes)",
-    "gpu": "one GPU per worker",
-    "precision": "auto (bf16 autocast where the hardware has native bf16), fp32 or bf16",
-    "compile": "torch.compile the training model: auto (on a GPU, for long stages; never on a CPU), on or off",
-    "storage": "Ray Train storage: local path, NFS or s3://bucket/prefix",
-    "data_shared": "the local --data path is mounted on every node (NFS): read it everywhere",
-    "folds": "K-fold: train K models, each holding out one K-th (OUT/fold-i/), tune thresholds on all out-of-fold "
-             "predictions and export the ensemble (OUT/export/)",
-    "parallel_folds": "folds trained at once (default: as many as the cluster holds)",
-    "overwrite": "start the run folder over; without it the same command resumes an interrupted run where it "
-                 "stopped, and another config on that folder is refused",
-}
-SCORE_FLAGS = {
-    "model": "export folder, e.g. RUN_DIR/export (a path or a URI); repeat it to score an ensemble",
-    "data": "Kaggle data root: test-jpg + test-jpg-additional in the sample submission's order "
-            "(a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)",
-    "images": "score any folder of .jpg files instead (a path or a URI)",
-    "data_shared": "the local --data/--images path is mounted on every node (NFS): read it everywhere",
-    "out": "submission CSV (default submission.csv), a path or a URI; side files go next to it",
-    "threshold": "a number (default 0.2) or 'tuned' for the export's per-class thresholds",
-    "tta": "average the 8 dihedral views",
-    "batch_size": "images per predictor call",
-    "actors": "predictor actors (default: one per GPU, or one per CPU)",
-    "cpus_per_actor": "logical CPUs per predictor actor",
-    "gpus_per_actor": "GPUs per predictor actor",
-    "probs_out": "also write every probability to this Parquet file (a path or a URI)",
-    "strict": "fail instead of giving unreadable images empty tags",
-    "overwrite": "replace an existing output and start over (drops the work folder's rows)",
-    "work_dir": "the run's Parquet shards, kept until it succeeds (default OUT.parts next to --out; a path or a URI "
-                "every node reaches); rerunning the same command resumes from them",
-    "keep_parts": "keep the work folder after success",
-    "precision": "auto (bf16 where the hardware has it: a CPU with AVX-512 BF16 or AMX, a bf16 GPU), fp32 or bf16",
-    "compile": "torch.compile the model: auto (when each actor has enough images to pay it back), on or off",
-    "shard_rows": "rows per shard file (default 1000): what an interruption can lose per write in flight",
-    "stall_timeout_s": "fail after this many seconds without a new shard (default 600; 0 waits forever)",
-}
-FLAG_NAMES = {"stall_timeout_s": "--stall-timeout"}
 
 
-def field_type(tp):
-    """The one plain type a config field holds (`str | None` -> str; `tuple[str, ...]` -> str, repeatable)."""
+def add_config_flags(parser: argparse.ArgumentParser, cls, only: Sequence[str] = (),
+                     skip: Sequence[str] = ()) -> None:
+    """A `--flag` for each field of config `cls` that has a help group (config.flag), listed under it.
+
+    Each flag's type is the field's, and its value goes into the config as that value (never re-parsed), so a
+    documented flag parses to exactly what the config wants: `--threshold 0.2` is the string "0.2", `--out 2024`
+    a path. The fields set are remembered on the parser for `config_from_args`.
+    """
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    names = []
+    for name, info in cls.__pydantic_fields__.items():
+        extra = info.json_schema_extra or {}
+        if not extra.get("group") or (only and name not in only) or name in skip:
+            continue
+        group = groups.get(extra["group"]) or groups.setdefault(
+            extra["group"], parser.add_argument_group(f"{extra['group']} ({cls.__name__})"))
+        flag, tp, choices = extra.get("flag", "--" + name.replace("_", "-")), *flag_type(info.annotation)
+        if tp is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=info.description)
+        else:
+            group.add_argument(flag, dest=name, type=tp, choices=choices, default=None, help=info.description,
+                               action="append" if typing.get_origin(info.annotation) is tuple else "store")
+        names.append(name)
+    parser.set_defaults(**{f"_{cls.__name__}_fields": names})
+
+
+def flag_type(tp) -> tuple[type, tuple | None]:
+    """The one plain type a config field holds and its choices (`str | None` -> str; `tuple[str, ...]` -> str,
+    repeatable; `Literal["auto", "on", "off"]` -> str with those choices)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
     if typing.get_origin(tp) is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
         tp = typing.get_args(tp)[0]
-    if tp is not bool and isinstance(tp, type) and issubclass(tp, str):
-        tp = str  # (config.Switch)
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    if typing.get_origin(tp) is typing.Literal:
+        return str, typing.get_args(tp)
     if tp not in (bool, int, float, str):
         raise TypeError(f"no flag for a field of type {tp}")
-    return tp
+    return tp, None
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, flags: dict[str, str]) -> None:
-    hints = typing.get_type_hints(cls)
-    for name, text in flags.items():
-        tp, flag = field_type(hints[name]), FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-        if tp is bool:
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif typing.get_origin(hints[name]) is tuple:
-            parser.add_argument(flag, dest=name, type=tp, action="append", default=None, help=text)
-        else:
-            parser.add_argument(flag, dest=name, type=tp, default=None, help=text)
-
-
-def config_from_args(cls, args, flags: dict[str, str]):
+def config_from_args(cls, args):
     """The config file (if any), then --set overrides, then the flags given, each as its typed value."""
-    given = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
-    return load_config(cls, args.config, args.set, values=given)
+    values = config_flag_values(cls, args)
+    return load_config(cls, args.config, args.set, values=values)
+
+
+def config_flag_values(cls, args) -> dict:
+    """The flags of config `cls` given on the command line, by field."""
+    names = getattr(args, f"_{cls.__name__}_fields")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def cmd_demo_data(args) -> None:
-    from planet_batch.demo_data import write_demo_data
+    from planet_batch.data.demo_data import write_demo_data
 
     out = write_demo_data(args.out, args.n_train, args.n_test, args.n_additional, args.seed)
     print(f"demo dataset: {out}")
 
 
 def cmd_show_batch(args) -> None:
-    from planet_batch.data import augmented_sample, train_valid_split
-    from planet_batch.labels import TAGS
-    from planet_batch.plots import show_batch
+    from planet_batch.data.datasets import augmented_sample, train_valid_split
+    from planet_batch.data.labels import TAGS
+    from planet_batch.training.plots import show_batch
 
     train, _ = train_valid_split(args.data)
     images, _, targets = augmented_sample(train, args.rows * args.rows, args.size, args.seed)
@@ -117,11 +98,11 @@ def cmd_import_weights(args) -> None:
 
 
 def train_config(args) -> TrainConfig:
-    return config_from_args(TrainConfig, args, TRAIN_FLAGS)
+    return config_from_args(TrainConfig, args)
 
 
 def cmd_train(args) -> None:
-    from planet_batch.folds import train
+    from planet_batch.training.folds import train
 
     cfg = train_config(args)
     export = train(cfg, args.data, args.out)
@@ -130,17 +111,17 @@ def cmd_train(args) -> None:
 
 
 def cmd_lr_find(args) -> None:
-    from planet_batch.lr_find import run_lr_find
+    from planet_batch.training.lr_find import run_lr_find
 
     result = run_lr_find(train_config(args), args.data, args.out, args.num_it)
     print(f"suggested lr: {result.suggestion:.2e} (steepest descent of the smoothed loss)\nplot: {args.out}")
 
 
 def cmd_score(args) -> None:
-    from planet_batch.score import run_scoring
-    from planet_batch.storage import locate
+    from planet_batch.cluster.storage import locate
+    from planet_batch.scoring.score import run_scoring
 
-    summary = run_scoring(config_from_args(ScoreConfig, args, SCORE_FLAGS))
+    summary = run_scoring(config_from_args(ScoreConfig, args))
     print(f"submission: {summary.output}\nsummary: {locate(summary.output).with_name('score_summary.json')}")
     if summary.bad_images:
         print(f"unreadable images: {summary.unreadable}, listed in {summary.bad_images}")
@@ -151,14 +132,14 @@ def cmd_score(args) -> None:
 def cmd_lesson3(args) -> None:
     from planet_batch.lesson3 import run_lesson3
 
-    result = run_lesson3(train_config(args), args.data, args.out, args.threshold, args.tta,
-                         args.message if args.submit else None)
+    result = run_lesson3(train_config(args), args.data, args.out, args.message if args.submit else None,
+                         **config_flag_values(ScoreConfig, args))
     print(f"export: {result.export}\nsubmission: {result.submission.output}" +
           ("\nsubmitted to Kaggle" if result.submitted else ""))
 
 
 def cmd_check_submission(args) -> int:
-    from planet_batch.submission import check_submission
+    from planet_batch.data.submission import check_submission
 
     problems = check_submission(args.file, args.sample)
     for p in problems:
@@ -169,26 +150,32 @@ def cmd_check_submission(args) -> int:
 
 
 def cmd_download(args) -> None:
-    from planet_batch.kaggle import download
+    from planet_batch.data.kaggle import download
 
     print(f"data root: {download(args.to, competition=args.competition, dataset=args.dataset)}")
 
 
 def cmd_submit(args) -> None:
-    from planet_batch.kaggle import submit
+    from planet_batch.data.kaggle import submit
 
     submit(args.file, args.message, competition=args.competition, sample=args.sample)
     print(f"submitted {args.file} to {args.competition}")
 
 
-def add_train_options(s: argparse.ArgumentParser, config_default: str | None = None) -> None:
-    s.add_argument("--config", required=config_default is None, default=config_default,
-                   help="job config YAML, e.g. jobs/configs/lesson3.yaml")
-    s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout): a path or a URI "
-                   "(s3://bucket/prefix, gs://, hdfs://, file://)")
+def add_config_options(s: argparse.ArgumentParser, help: str, required: bool = False,
+                       default: str | None = None) -> None:
+    s.add_argument("--config", required=required, default=default, help=help)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set stages.0.epochs=2 (repeatable)")
-    add_config_flags(s, TrainConfig, TRAIN_FLAGS)
+
+
+def add_train_options(s: argparse.ArgumentParser, config_default: str | None = None,
+                      skip: Sequence[str] = ()) -> None:
+    add_config_options(s, "job config YAML, e.g. jobs/configs/lesson3.yaml", required=config_default is None,
+                       default=config_default)
+    s.add_argument("--data", required=True, help="data root (competition or Kaggle-dataset layout): a path or a URI "
+                   "(s3://bucket/prefix, gs://, hdfs://, file://)")
+    add_config_flags(s, TrainConfig, skip=skip)
 
 
 def console_log_rules() -> None:
@@ -243,16 +230,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_lr_find)
 
     s = sub.add_parser("score", help="score test images with Ray Data into a Kaggle submission")
-    add_config_flags(s, ScoreConfig, SCORE_FLAGS)
-    s.add_argument("--config", help="score config YAML (flags override it)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    add_config_options(s, "score config YAML (flags override it)")
+    add_config_flags(s, ScoreConfig)
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("lesson3", help="the whole notebook: train, export, score the test set, check, submit")
-    add_train_options(s, config_default="jobs/configs/lesson3.yaml")
+    # --threshold and --tta are the scoring's (ScoreConfig); the epoch table's threshold is the config's.
+    add_train_options(s, config_default="jobs/configs/lesson3.yaml", skip=("threshold",))
+    add_config_flags(s, ScoreConfig, only=("threshold", "tta"))
     s.add_argument("--out", required=True, help="run folder; submission.csv and probs.parquet go there too")
-    s.add_argument("--threshold", default="0.2", help="0.2 (the notebook's) or 'tuned'")
-    s.add_argument("--tta", action="store_true", help="average the 8 dihedral views when scoring")
     s.add_argument("--submit", action="store_true", help="submit submission.csv to the competition")
     s.add_argument("-m", "--message", default="planet-batch lesson3")
     s.set_defaults(func=cmd_lesson3)
@@ -262,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample", help="the sample submission whose names and order must match")
     s.set_defaults(func=cmd_check_submission)
 
-    from planet_batch.kaggle import COMPETITION
+    from planet_batch.data.kaggle import COMPETITION
 
     s = sub.add_parser("download", help="fetch and extract the Planet files from Kaggle")
     s.add_argument("--to", required=True)

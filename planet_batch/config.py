@@ -1,140 +1,220 @@
-"""Typed job configs: dataclasses loaded from YAML, overridden from the CLI, validated up front.
+"""Typed job configs: pydantic dataclasses loaded from YAML, overridden from the CLI, validated up front.
 
-Every field error names the field (`stages[1].lr: ...`) so a bad config fails before Ray starts.
+Each field's description is its `--flag`'s help (cli.add_config_flags), and every field error names the field
+(`stages[1].lr: ...`), so a bad config fails before Ray starts.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import types
+import functools
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
+import pydantic
 import yaml
+from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
 from planet_batch.errors import PlanetBatchError
 
 T = TypeVar("T")
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 TIMM_PREFIX = "timm/"  # arch: timm/NAME, any timm model as the body (the name is checked against timm's registry)
-PRECISIONS = ("auto", "fp32", "bf16")
-COMPILES = ("auto", "on", "off")
+
+# Strict scalars: a quoted "2" is no int, YAML's `yes` (a bool) no str, a bool no int or float; an int is taken as
+# a float, and tuples take YAML's lists.
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]  # an int is taken as its float
+Bool = Annotated[bool, Strict()]
+Str = Annotated[str, Strict()]
+LearningRate = Annotated[float, Strict(), Field(ge=1e-8, le=1.0)]
+Precision = Literal["auto", "fp32", "bf16"]
 
 
-class Switch(str):
-    """A str field whose values include on/off: YAML reads a bare `on` / `off` (and yes/no, true/false) as a
-    boolean, which such a field takes back as "on" / "off"."""
+def on_off(value):
+    """YAML reads a bare `on` / `off` (and yes/no, true/false) as a boolean: an on/off field takes it back."""
+    return ("on" if value else "off") if isinstance(value, bool) else value
+
+
+# auto | on | off, and YAML's `on` / `off` (which it reads as booleans)
+Compile = Annotated[Literal["auto", "on", "off"], BeforeValidator(on_off)]
 
 
 class ConfigError(PlanetBatchError, ValueError):
     pass
 
 
-@dataclasses.dataclass(frozen=True)
+def flag(
+    default: Any = dataclasses.MISSING, *, help: str, group: str | None = None, name: str | None = None, **constraints
+) -> Any:
+    """A config field with its `--flag`: `help` is the field's description, `group` the help section it is
+    listed in (None: no flag, set it in the YAML or with --set), `name` a flag other than --field-name."""
+    extra = {"group": group} | ({"flag": name} if name else {})
+    if default is dataclasses.MISSING:
+        return Field(description=help, json_schema_extra=extra, **constraints)
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def config_model(cls: type[T]) -> type[T]:
+    """A frozen pydantic dataclass (unknown fields refused) whose validation errors are one ConfigError
+    naming the field, whether it is built from a YAML mapping or called directly."""
+    cls = pydantic.dataclasses.dataclass(frozen=True, config=ConfigDict(extra="forbid"))(cls)
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        try:
+            init(self, *args, **kwargs)
+        except pydantic.ValidationError as e:
+            raise ConfigError(describe(e, cls)) from None
+
+    cls.__init__ = __init__
+    return cls
+
+
+def describe(error: pydantic.ValidationError, cls: type) -> str:
+    """The first failing field as `stages[0].size: <what is wrong>, got 0`."""
+    by_path: dict[str, list[dict]] = {}
+    for e in error.errors():
+        by_path.setdefault(_path(cls, e["loc"]), []).append(e)
+    path, errors = next(iter(by_path.items()))
+    # A union (`lr: float | [lo, hi]`) reports each alternative: a value of the right type that is out of
+    # range says more than "not a list".
+    specific = [e for e in errors if not e["type"].endswith("_type")] or errors
+    e = specific[0]
+    if e["type"] == "value_error":
+        return f"{path + ': ' if path else ''}{e['ctx']['error']}"
+    if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+        known = [f.name for f in dataclasses.fields(_owner(cls, e["loc"]))]
+        return f"{path}{'.' if path else ''}{e['loc'][-1]}: unknown field; known: {', '.join(known)}"
+    if e["type"] == "missing":
+        return f"{path}: required field is missing"
+    what = " or ".join(dict.fromkeys(x["msg"][0].lower() + x["msg"][1:] for x in specific))
+    return f"{path}: {what}, got {e['input']!r}"
+
+
+def _path(cls: type, loc: tuple) -> str:
+    """pydantic's loc as a field path; the names of union alternatives (`float`, `tuple[...]`) dropped."""
+    path, owner = "", cls
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif owner is not None and part in {f.name for f in dataclasses.fields(owner)}:
+            path += f".{part}" if path else part
+            owner = _dataclass_in(typing.get_type_hints(owner)[part])
+    return path
+
+
+def _owner(cls: type, loc: tuple) -> type:
+    """The config class that holds the field at `loc`."""
+    owner = cls
+    for part in loc[:-1]:
+        if isinstance(part, str) and part in {f.name for f in dataclasses.fields(owner)}:
+            owner = _dataclass_in(typing.get_type_hints(owner)[part]) or owner
+    return owner
+
+
+def _dataclass_in(tp) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    return next(filter(None, map(_dataclass_in, typing.get_args(tp))), None)
+
+
+@config_model
 class Stage:
     """One `fit_one_cycle` call of the notebook."""
 
-    name: str
-    size: int
-    epochs: int
-    frozen: bool
-    lr: float | tuple[float, float]
-    # An earlier stage of this config, or a saved stage file (.pt) from another run.
-    # None: continue from the previous stage (the first stage starts from `weights`).
-    start_from: str | None = None
+    name: Str = flag(help="the stage's name: its file stages/NAME.pt and its rows in metrics.csv", pattern=r"^[^/]+$")
+    size: Int = flag(help="input size in pixels", gt=0)
+    epochs: Int = flag(help="epochs of its one-cycle schedule", gt=0)
+    frozen: Bool = flag(help="train the head only (the body's weights stay)")
+    lr: LearningRate | tuple[LearningRate, LearningRate] = flag(
+        help="peak learning rate, or [lo, hi]: lo for the body's first layers rising to hi for the head (fastai's "
+             "slice(lo, hi))")
+    start_from: Str | None = flag(None, help="an earlier stage of this config, or a saved stage file (.pt) from "
+                                  "another run; None: continue from the previous stage (the first stage starts from "
+                                  "`weights`)")
 
     @property
     def start_file(self) -> str | None:
         """`start_from` when it is a saved stage file (.pt), not a stage of this config."""
         return self.start_from if self.start_from and self.start_from.endswith(".pt") else None
 
-    def __post_init__(self):
-        where = f"stage {self.name!r}"
-        if not self.name or "/" in self.name:
-            raise ConfigError(f"{where}: name must be non-empty without '/'")
-        if self.size <= 0:
-            raise ConfigError(f"{where}: size must be positive, got {self.size}")
-        if self.epochs <= 0:
-            raise ConfigError(f"{where}: epochs must be positive, got {self.epochs}")
-        lrs = self.lr if isinstance(self.lr, tuple) else (self.lr,)
-        if not all(1e-8 <= v <= 1.0 for v in lrs):
-            raise ConfigError(f"{where}: lr must be in [1e-8, 1], got {self.lr}")
-        if isinstance(self.lr, tuple) and self.lr[0] > self.lr[1]:
-            raise ConfigError(f"{where}: lr [lo, hi] needs lo <= hi, got {list(self.lr)}")
+    @field_validator("lr")
+    @classmethod
+    def _lr_rises(cls, lr):
+        if isinstance(lr, tuple) and lr[0] > lr[1]:
+            raise ValueError(f"[lo, hi] needs lo <= hi, got {list(lr)}")
+        return lr
 
 
-@dataclasses.dataclass(frozen=True)
+MODEL, RAY, RUN, SPEED = "model and recipe", "Ray cluster", "run folder", "speed"
+
+
+@config_model
 class TrainConfig:
-    stages: tuple[Stage, ...]
-    arch: str = "resnet34"
-    # imagenet (torchvision's or timm's pretrained weights, from their caches) | none | a state dict file
-    # (.pt/.pth/.safetensors) in the architecture's own layout
-    weights: str = "none"
-    batch_size: int = 64
-    valid_pct: float = 0.2
-    seed: int = 42
-    threshold: float = 0.2
-    weight_decay: float = 1e-2
-    dropout: float = 0.5
-    workers: int = 2  # 0: Ray Train local mode, everything in the driver
-    cpus_per_worker: float = 1.0
-    gpu: bool = False
-    # auto | fp32 | bf16: bf16 autocast for the forward passes where the hardware has native bf16
-    precision: str = "auto"
-    # auto | on | off: torch.compile the training model; auto compiles only where it pays (train.compile_training)
-    compile: Switch = "auto"
-    torch_threads: int = 0  # 0: the worker's CPU share, at least 1
-    max_failures: int = 3
-    storage: str | None = None  # Ray Train storage (local path, NFS, s3://); default RUN_DIR/ray
-    placement_strategy: str = "PACK"  # Ray placement of the workers: PACK, SPREAD, STRICT_PACK, STRICT_SPREAD
-    # The cluster adds nodes on demand (cluster.yaml's GPU workers start at 0): skip the up-front
-    # capacity check and let Ray Train wait for the autoscaler instead of failing.
-    autoscale: bool = False
-    # A local data root that every node mounts (NFS): read it on every node, not only the driver's.
-    data_shared: bool = False
-    # K-fold training (planet_batch.folds): 0 trains one model on a valid_pct split; K >= 2 trains K folds,
-    # `parallel_folds` at a time (0: as many as the cluster holds).
-    folds: int = 0
-    parallel_folds: int = 0
-    # A run folder holds one run: the same config resumes it where it stopped, another is refused;
-    # `overwrite` starts over (for K folds: every fold).
-    overwrite: bool = False
+    stages: tuple[Stage, ...] = flag(help="the notebook's fit_one_cycle calls, in order", min_length=1)
+    arch: Str = flag("resnet34", group=MODEL, help=f"the body: {', '.join(TORCHVISION_ARCHS)} (torchvision) or "
+                     f"{TIMM_PREFIX}NAME (any timm model)")
+    weights: Str = flag("none", group=MODEL, help="imagenet (torchvision's or timm's pretrained weights, from their "
+                        "caches), none, or a state dict file (.pt/.pth/.safetensors) in the architecture's layout")
+    batch_size: Int = flag(64, group=MODEL, help="images per batch on each worker", ge=1, le=65536)
+    valid_pct: Float = flag(0.2, group=MODEL, help="share of the labelled images held out for validation", gt=0, lt=1)
+    seed: Int = flag(42, group=MODEL, help="seed of the split, the initial head and the augmentations")
+    threshold: Float = flag(0.2, group=MODEL, help="probability threshold of the F2 in the epoch table", gt=0, lt=1)
+    weight_decay: Float = flag(1e-2, group=MODEL, help="AdamW weight decay", ge=0, le=1)
+    dropout: Float = flag(0.5, group=MODEL, help="dropout of the head", ge=0, lt=1)
+    workers: Int = flag(2, group=RAY, help="Ray Train workers; 0 runs everything in the driver", ge=0, le=4096)
+    cpus_per_worker: Float = flag(1.0, group=RAY, help="CPUs per worker (the rest of the cluster decodes)", gt=0,
+                                  lt=1024)
+    gpu: Bool = flag(False, group=RAY, help="one GPU per worker")
+    precision: Precision = flag("auto", group=SPEED, help="auto (bf16 autocast where the hardware has native bf16), "
+                                "fp32 or bf16")
+    compile: Compile = flag("auto", group=SPEED, help="torch.compile the training model: auto (on a GPU, for long "
+                            "stages; never on a CPU), on or off")
+    torch_threads: Int = flag(0, group=SPEED, help="torch threads per worker; 0: its CPU share, at least 1", ge=0,
+                              le=1024)
+    max_failures: Int = flag(3, group=RAY, help="worker-group restarts from the latest checkpoint (-1: without end)",
+                             ge=-1, le=1000)
+    storage: Str | None = flag(None, group=RAY, help="Ray Train storage: local path, NFS or s3://bucket/prefix "
+                               "(default RUN_DIR/ray)")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = flag(
+        "PACK", group=RAY, help="Ray placement of the workers")
+    autoscale: Bool = flag(False, group=RAY, help="the cluster adds nodes on demand (cluster.yaml's GPU workers start "
+                           "at 0): skip the up-front capacity check and let Ray Train wait for the autoscaler")
+    data_shared: Bool = flag(False, group=RAY, help="the local --data path is mounted on every node (NFS): read it "
+                             "everywhere, not only on the driver's node")
+    folds: Int = flag(0, group=MODEL, help="K-fold: train K models, each holding out one K-th (OUT/fold-i/), tune "
+                      "thresholds on all out-of-fold predictions and export the ensemble (OUT/export/); 0 trains one "
+                      "model on a valid_pct split", le=1000)
+    parallel_folds: Int = flag(0, group=RAY, help="folds trained at once (default: as many as the cluster holds)",
+                               ge=0, le=1000)
+    overwrite: Bool = flag(False, group=RUN, help="start the run folder over; without it the same command resumes an "
+                           "interrupted run where it stopped, and another config on that folder is refused")
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _consistent(self):
         if self.arch not in TORCHVISION_ARCHS and not (self.arch.startswith(TIMM_PREFIX) and self.arch != TIMM_PREFIX):
-            raise ConfigError(f"arch: unknown {self.arch!r}, choose one of {', '.join(TORCHVISION_ARCHS)} or "
-                              f"{TIMM_PREFIX}NAME (a timm model)")
-        if not self.stages:
-            raise ConfigError("stages: at least one stage is needed")
+            raise ValueError(
+                f"arch: unknown {self.arch!r}, choose one of {', '.join(TORCHVISION_ARCHS)} or "
+                f"{TIMM_PREFIX}NAME (a timm model)"
+            )
         seen: list[str] = []
         for i, st in enumerate(self.stages):
             if st.name in seen:
-                raise ConfigError(f"stages[{i}].name: duplicate stage name {st.name!r}")
+                raise ValueError(f"stages[{i}].name: duplicate stage name {st.name!r}")
             if st.start_from is not None and st.start_file is None and st.start_from not in seen:
-                raise ConfigError(
+                raise ValueError(
                     f"stages[{i}].start_from: {st.start_from!r} is not an earlier stage "
                     f"(earlier: {seen or 'none'}) nor a saved stage file (.pt)"
                 )
             seen.append(st.name)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("compile", self.compile, COMPILES)
-        _check_range("batch_size", self.batch_size, 1, 65536)
-        _check_range("valid_pct", self.valid_pct, 0.0, 1.0, open_ends=True)
-        _check_range("threshold", self.threshold, 0.0, 1.0, open_ends=True)
-        _check_range("weight_decay", self.weight_decay, 0.0, 1.0)
-        _check_range("dropout", self.dropout, 0.0, 1.0, open_ends=True, lo_closed=True)
-        _check_range("workers", self.workers, 0, 4096)
-        _check_range("cpus_per_worker", self.cpus_per_worker, 0.0, 1024, open_ends=True)
-        _check_range("torch_threads", self.torch_threads, 0, 1024)
-        _check_range("max_failures", self.max_failures, -1, 1000)
         if self.folds == 1 or self.folds < 0:
-            raise ConfigError(f"folds: {self.folds} folds; K-fold needs at least 2 (0 trains one model)")
-        _check_range("folds", self.folds, 0, 1000)
-        _check_range("parallel_folds", self.parallel_folds, 0, 1000)
-        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
-            raise ConfigError(f"placement_strategy: unknown {self.placement_strategy!r}")
+            raise ValueError(f"folds: {self.folds} folds; K-fold needs at least 2 (0 trains one model)")
+        return self
 
 
 # Settings that change how a run is carried out, not the model it trains: a rerun on the same run folder (or of a
@@ -142,87 +222,88 @@ class TrainConfig:
 HOW_NOT_WHAT = ("parallel_folds", "max_failures", "storage", "autoscale", "placement_strategy", "data_shared",
                 "overwrite")
 
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ConfigError(f"{name}: {value!r} is not one of {', '.join(choices)}")
+INPUT, OUTPUT, SCORING = "input", "output", "scoring"
 
 
-def _check_range(name, value, lo, hi, open_ends=False, lo_closed=False):
-    ok = (lo <= value if (not open_ends or lo_closed) else lo < value) and (value < hi if open_ends else value <= hi)
-    if not ok:
-        raise ConfigError(f"{name}: {value!r} is out of range {'(' if open_ends and not lo_closed else '['}{lo}, {hi}"
-                          f"{')' if open_ends else ']'}")
+@config_model
+class ScoreConfig:
+    model: tuple[Str, ...] = flag(group=INPUT, help="export folder, e.g. RUN_DIR/export (a path or a URI); repeat it "
+                                  "to score an ensemble", min_length=1)
+    out: Str = flag("submission.csv", group=OUTPUT, help="submission CSV, a path or a URI; side files go next to it")
+    work_dir: Str | None = flag(None, group=OUTPUT, help="the run's Parquet shards, kept until it succeeds (default "
+                                "OUT.parts next to --out; a path or a URI every node reaches); rerunning the same "
+                                "command resumes from them")
+    keep_parts: Bool = flag(False, group=OUTPUT, help="keep the work folder after success")
+    shard_rows: Int = flag(1000, group=OUTPUT, help="rows per shard file (Ray Data's min_rows_per_file): what an "
+                           "interruption can lose per write in flight, against files per run (61,191 images: 62 "
+                           "shards)", ge=1, le=10_000_000)
+    data: Str | None = flag(None, group=INPUT, help="Kaggle data root: test-jpg + test-jpg-additional in the sample "
+                            "submission's order (a path or a URI: s3://bucket/prefix, gs://, hdfs://, file://)")
+    images: Str | None = flag(None, group=INPUT, help="score any folder of .jpg files instead (a path or a URI)")
+    threshold: Str = flag("0.2", group=SCORING, help="a number (default 0.2) or 'tuned' for the export's per-class "
+                          "thresholds")
+    tta: Bool = flag(False, group=SCORING, help="average the 8 dihedral views")
+    batch_size: Int = flag(64, group=SPEED, help="images per predictor call", ge=1, le=65536)
+    actors: Int = flag(0, group=RAY, help="predictor actors (default: one per GPU with gpus_per_actor, else one per "
+                       "CPU of the cluster)", ge=0, le=4096)
+    # With one actor per CPU, 0.25 leaves the read/decode tasks 3/4 of the cluster, and still half of it after a
+    # lost node's actors restart elsewhere; at 0.5 those restarted actors took every CPU and scoring stalled
+    # (tests/cluster/test_cluster.py). Same speed on 2 cores.
+    cpus_per_actor: Float = flag(0.25, group=RAY, help="logical CPUs per predictor actor (its threads are "
+                                 "--torch-threads)", gt=0, lt=1024)
+    gpus_per_actor: Float = flag(0.0, group=RAY, help="GPUs per predictor actor", ge=0, le=64)
+    torch_threads: Int = flag(0, group=SPEED, help="torch threads per actor; 0: the node's cores shared among the "
+                              "actors", ge=0, le=1024)
+    probs_out: Str | None = flag(None, group=OUTPUT, help="also write every probability to this Parquet file (a path "
+                                 "or a URI)")
+    data_shared: Bool = flag(False, group=INPUT, help="the local --data/--images path is mounted on every node (NFS): "
+                             "read it everywhere")
+    strict: Bool = flag(False, group=INPUT, help="fail instead of giving unreadable images empty tags")
+    overwrite: Bool = flag(False, group=OUTPUT, help="replace an existing output and start over (drops the work "
+                           "folder's rows)")
+    precision: Precision = flag("auto", group=SPEED, help="auto (bf16 where the hardware has it: a CPU with AVX-512 "
+                                "BF16 or AMX, a bf16 GPU), fp32 or bf16")
+    compile: Compile = flag("auto", group=SPEED, help="torch.compile the model: auto (when each actor has enough "
+                            "images to pay it back), on or off")
+    # A cluster that lost a node can otherwise wait without end: its restarted actors may take the CPUs the read
+    # tasks need.
+    stall_timeout_s: Float = flag(600.0, group=RAY, name="--stall-timeout", help="fail after this many seconds without "
+                                  "a new shard (default 600; 0 waits forever)", ge=0, le=7 * 86400)
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _one_model(cls, value):
+        return (value,) if isinstance(value, str) else value  # `model: path` for a list of one
 
-def from_dict(cls: type[T], data: Any, where: str = "") -> T:
-    """Build dataclass `cls` from plain data, checking every field's type and name."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or cls.__name__}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown field; known: {', '.join(fields)}")
-    kwargs = {}
-    for name, f in fields.items():
-        path = f"{where}.{name}" if where else name
-        if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}: required field is missing")
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where + ': ' if where else ''}{e}") from None
+    @field_validator("threshold", mode="before")
+    @classmethod
+    def _threshold_text(cls, value):
+        return str(value) if isinstance(value, float) else value  # YAML's `threshold: 0.2`
 
-
-def _coerce(tp, value, path: str):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        for alt in args:
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value):
+        if value != "tuned":
             try:
-                return _coerce(alt, value, path)
-            except ConfigError:
-                pass
-        raise ConfigError(f"{path}: {value!r} does not fit {_type_name(tp)}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{path}: expected null, got {value!r}")
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, path)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis and isinstance(value, str):
-            value = [value]  # `model: path` for a list of one
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{path}: expected a list of {len(args)}, got {value!r}")
-        return tuple(_coerce(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str or tp is Switch:
-        if isinstance(value, str):
-            return value
-        if tp is Switch and isinstance(value, bool):
-            return "on" if value else "off"
-    else:
-        raise TypeError(f"{path}: unsupported config type {tp}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is neither a number nor 'tuned'") from None
+            if not 0 < number < 1:
+                raise ValueError(f"{value!r} is out of range (0, 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.data is None) == (self.images is None):
+            raise ValueError("data / images: give exactly one of --data (Kaggle layout) or --images (a folder)")
+        return self
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def from_dict(cls: type[T], data: Any) -> T:
+    """Config `cls` from plain data (a YAML mapping), every field checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__}: expected a mapping, got {type(data).__name__}")
+    return cls(**data)
 
 
 def to_dict(cfg) -> dict:
@@ -240,8 +321,6 @@ def to_dict(cfg) -> dict:
 
 def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     """`key.sub=value` / `stages.0.epochs=2` overrides; values are parsed as YAML."""
-    import copy
-
     data = copy.deepcopy(data)
     for item in overrides:
         key, sep, raw = item.partition("=")
@@ -265,8 +344,9 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] = (),
-                values: dict[str, Any] | None = None) -> T:
+def load_config(
+    cls: type[T], path: Path | str | None, overrides: Sequence[str] = (), values: dict[str, Any] | None = None
+) -> T:
     """The YAML file at `path`, then `KEY=VALUE` overrides (parsed as YAML), then typed `values` (CLI flags)."""
     data: dict = {}
     if path is not None:
@@ -283,63 +363,8 @@ def load_config(cls: type[T], path: Path | str | None, overrides: Sequence[str] 
 
 
 def save_config(cfg, path: Path | str) -> Path:
-    from planet_batch.storage import write_atomic
+    from planet_batch.cluster.storage import write_atomic
 
     path = Path(path)
     write_atomic(path, lambda p: p.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
     return path
-
-
-@dataclasses.dataclass(frozen=True)
-class ScoreConfig:
-    model: tuple[str, ...]  # export folders (RUN_DIR/export); several are scored as one ensemble
-    out: str = "submission.csv"
-    work_dir: str | None = None  # the Parquet shards of a run, kept until it succeeds; default OUT.parts next to out
-    keep_parts: bool = False  # keep the work folder after success
-    # Rows per shard file (Ray Data's min_rows_per_file): what an interruption can lose per write task in
-    # flight, against files per run (61,191 images: 62 shards)
-    shard_rows: int = 1000
-    data: str | None = None  # a Kaggle data root: test-jpg + test-jpg-additional, sample submission order
-    images: str | None = None  # or any folder of .jpg files
-    threshold: str = "0.2"  # a number, or "tuned" for the export's per-class thresholds
-    tta: bool = False  # average the 8 dihedral views
-    batch_size: int = 64
-    actors: int = 0  # 0: one per GPU with gpus_per_actor, else one per CPU of the cluster
-    # Logical CPUs (threads are torch_threads): with one actor per CPU, 0.25 leaves the read/decode tasks
-    # 3/4 of the cluster, and still half of it after a lost node's actors restart elsewhere; at 0.5 those
-    # restarted actors took every CPU and scoring stalled (tests/test_cluster.py). Same speed on 2 cores.
-    cpus_per_actor: float = 0.25
-    gpus_per_actor: float = 0.0
-    torch_threads: int = 0  # 0: the node's cores shared among the actors
-    probs_out: str | None = None  # Parquet of every probability
-    data_shared: bool = False  # a local --data / --images path that every node mounts: read it everywhere
-    strict: bool = False  # unreadable images fail the job instead of getting an empty tag set
-    overwrite: bool = False
-    precision: str = "auto"  # auto | fp32 | bf16: auto is bf16 on hardware with native bf16 (model.resolve_precision)
-    compile: Switch = "auto"  # auto | on | off: auto compiles when each actor has enough images to pay it back
-    # No new shard for this long fails the job (0: wait forever). A cluster that lost a node can
-    # otherwise wait without end: its restarted actors may take the CPUs the read tasks need.
-    stall_timeout_s: float = 600.0
-
-    def __post_init__(self):
-        if isinstance(self.model, str):
-            object.__setattr__(self, "model", (self.model,))
-        if not self.model:
-            raise ConfigError("model: give at least one --model (an export folder)")
-        if (self.data is None) == (self.images is None):
-            raise ConfigError("data / images: give exactly one of --data (Kaggle layout) or --images (a folder)")
-        if self.threshold != "tuned":
-            try:
-                value = float(self.threshold)
-            except ValueError:
-                raise ConfigError(f"threshold: {self.threshold!r} is neither a number nor 'tuned'") from None
-            _check_range("threshold", value, 0.0, 1.0, open_ends=True)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("compile", self.compile, COMPILES)
-        _check_range("batch_size", self.batch_size, 1, 65536)
-        _check_range("shard_rows", self.shard_rows, 1, 10_000_000)
-        _check_range("actors", self.actors, 0, 4096)
-        _check_range("cpus_per_actor", self.cpus_per_actor, 0.0, 1024, open_ends=True)
-        _check_range("gpus_per_actor", self.gpus_per_actor, 0.0, 64)
-        _check_range("torch_threads", self.torch_threads, 0, 1024)
-        _check_range("stall_timeout_s", self.stall_timeout_s, 0.0, 7 * 86400)

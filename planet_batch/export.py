@@ -7,18 +7,23 @@ the resolved training config and the final metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
+import pydantic
 import torch
 
-from planet_batch.errors import PlanetBatchError
+from planet_batch.cluster.storage import Location, StorageError, locate, write_atomic
+from planet_batch.config import Float, Str, describe
+from planet_batch.data.transforms import Normalization
+from planet_batch.errors import PlanetBatchError, first_line
 from planet_batch.model import build_model
-from planet_batch.storage import Location, StorageError, locate, write_atomic
-from planet_batch.transforms import Normalization
 
 EXPORT_FORMAT = "planet-batch-export"
 EXPORT_VERSION = 1
@@ -27,6 +32,39 @@ ENSEMBLE_FORMAT = "planet-batch-ensemble"
 
 class ExportError(PlanetBatchError, ValueError):
     pass
+
+
+Probability = pydantic.confloat(ge=0, le=1)
+
+
+@pydantic.dataclasses.dataclass(frozen=True)
+class ExportMeta:
+    """model.json of one model; `load_export` reads it back through this model, every field checked."""
+
+    format: Literal["planet-batch-export"]
+    version: Literal[1]
+    arch: Str
+    tags: tuple[Str, ...]
+    size: pydantic.PositiveInt
+    normalize: Normalization
+    threshold: Probability
+    thresholds: tuple[Probability, ...]
+    dropout: Float = 0.5
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+@pydantic.dataclasses.dataclass(frozen=True)
+class EnsembleMeta:
+    """model.json of a fold ensemble: its members' folders relative to the folder that holds it."""
+
+    format: Literal["planet-batch-ensemble"]
+    version: Literal[1]
+    members: Annotated[tuple[Str, ...], pydantic.Field(min_length=1)]
+    threshold: Probability
+    thresholds: tuple[Probability, ...]
+    config: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -49,7 +87,7 @@ class ExportedModel:
             data = self.weights.read_bytes() if data is None else data
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, ValueError) as e:
-            raise ExportError(f"{self.weights}: not a weights file ({str(e).splitlines()[0]})") from None
+            raise ExportError(f"{self.weights}: not a weights file ({first_line(e)})") from None
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         return self.build_from_state(self.load_state(), device)
@@ -77,21 +115,14 @@ def save_export(
 ) -> Path:
     out = Path(out_dir)
     write_atomic(out / "model.pt", lambda p: torch.save(model_state, p))
-    meta = {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_VERSION,
-        "arch": arch,
-        "tags": list(tags),
-        "size": size,
-        "normalize": {"mean": list(normalization.mean), "std": list(normalization.std)},
-        "threshold": threshold,
-        "thresholds": [round(float(t), 4) for t in thresholds],
-        "dropout": dropout,
-        "config": config,
-        "metrics": metrics,
-    }
-    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    meta = ExportMeta(EXPORT_FORMAT, EXPORT_VERSION, arch, tuple(tags), size, normalization, threshold,
+                      tuple(round(float(t), 4) for t in thresholds), dropout, config, metrics)
+    _write_meta(out, meta)
     return out
+
+
+def _write_meta(out: Path, meta: ExportMeta | EnsembleMeta) -> None:
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(dataclasses.asdict(meta), indent=2)))
 
 
 @dataclass(frozen=True)
@@ -112,9 +143,8 @@ def save_ensemble(out_dir: Path | str, members: list[str], *, threshold: float, 
     """`members`: the member exports' folders relative to the folder that holds `out_dir` (RUN/), so a run
     folder can be moved or copied to a bucket whole. No weights of its own: the members' are the model."""
     out = Path(out_dir)
-    meta = {"format": ENSEMBLE_FORMAT, "version": EXPORT_VERSION, "members": members, "threshold": threshold,
-            "thresholds": [round(float(t), 4) for t in thresholds], "config": config, "metrics": metrics}
-    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    _write_meta(out, EnsembleMeta(ENSEMBLE_FORMAT, EXPORT_VERSION, tuple(members), threshold,
+                                  tuple(round(float(t), 4) for t in thresholds), config, metrics))
     return out
 
 
@@ -123,11 +153,20 @@ def _read_meta(path: Location) -> tuple[Location, dict]:
     try:
         if not meta_path.is_file():
             raise ExportError(f"{path} is not a model export: model.json is missing (train writes RUN_DIR/export/)")
-        return meta_path, json.loads(meta_path.read_bytes())
+        meta = json.loads(meta_path.read_bytes())
     except StorageError as e:
         raise ExportError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{meta_path}: not a JSON object")
+    return meta_path, meta
+
+
+def odd_member(members: Sequence[ExportedModel]) -> int | None:
+    """The first member that predicts other tags or takes another input size than the first, if any: an
+    ensemble averages the same tags and decodes each image once, at one size."""
+    return next((i for i, m in enumerate(members) if (m.tags, m.size) != (members[0].tags, members[0].size)), None)
 
 
 def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
@@ -140,24 +179,29 @@ def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
     meta_path, meta = _read_meta(path)
     if meta.get("format") != ENSEMBLE_FORMAT:
         return load_export(path)
-    try:
-        names, thresholds = [str(m) for m in meta["members"]], tuple(float(t) for t in meta["thresholds"])
-        threshold = float(meta["threshold"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise ExportError(f"{meta_path}: missing or malformed field {e}") from None
-    members = []
+    ensemble = _validate(EnsembleMeta, meta, meta_path)
+    names, members = ensemble.members, []
     for name in names:
         try:
             members.append(load_export(path.parent / name))
         except ExportError as e:
             raise ExportError(f"ensemble export {path}: member {name}: {e}") from None
-    for name, m in zip(names[1:], members[1:]):
-        if (m.tags, m.size) != (members[0].tags, members[0].size):
-            raise ExportError(f"ensemble export {path}: member {name} ({len(m.tags)} tags, {m.size}px) does not "
-                              f"match {names[0]} ({len(members[0].tags)} tags, {members[0].size}px)")
-    if not members or len(thresholds) != len(members[0].tags):
-        raise ExportError(f"{meta_path}: {len(members)} members, {len(thresholds)} thresholds")
-    return EnsembleExport(path, tuple(members), threshold, thresholds, meta.get("config", {}), meta.get("metrics", {}))
+    if (i := odd_member(members)) is not None:
+        m = members[i]
+        raise ExportError(f"ensemble export {path}: member {names[i]} ({len(m.tags)} tags, {m.size}px) does not "
+                          f"match {names[0]} ({len(members[0].tags)} tags, {members[0].size}px)")
+    if len(ensemble.thresholds) != len(members[0].tags):
+        raise ExportError(f"{meta_path}: {len(ensemble.thresholds)} thresholds for {len(members[0].tags)} tags")
+    return EnsembleExport(path, tuple(members), ensemble.threshold, ensemble.thresholds, ensemble.config,
+                          ensemble.metrics)
+
+
+def _validate(cls, meta: dict, meta_path: Location):
+    """`meta` as `cls`, or one line naming the field that does not fit."""
+    try:
+        return cls(**meta)
+    except pydantic.ValidationError as e:
+        raise ExportError(f"{meta_path}: {describe(e, cls)}") from None
 
 
 def load_export(path: Path | str | Location) -> ExportedModel:
@@ -180,22 +224,9 @@ def load_export(path: Path | str | Location) -> ExportedModel:
             f"{meta_path}: format {meta.get('format')!r} version {meta.get('version')!r} is not supported "
             f"(this planet-batch reads {EXPORT_FORMAT!r} version {EXPORT_VERSION}); re-export with this version"
         )
-    try:
-        tags = tuple(meta["tags"])
-        thresholds = tuple(float(t) for t in meta["thresholds"])
-        if len(thresholds) != len(tags):
-            raise ExportError(f"{meta_path}: {len(thresholds)} thresholds for {len(tags)} tags")
-        return ExportedModel(
-            arch=meta["arch"],
-            tags=tags,
-            size=int(meta["size"]),
-            normalization=Normalization(tuple(meta["normalize"]["mean"]), tuple(meta["normalize"]["std"])),
-            threshold=float(meta["threshold"]),
-            thresholds=thresholds,
-            dropout=float(meta.get("dropout", 0.5)),
-            config=meta.get("config", {}),
-            metrics=meta.get("metrics", {}),
-            weights=weights,
-        )
-    except (KeyError, TypeError) as e:
-        raise ExportError(f"{meta_path}: missing or malformed field {e}") from None
+    m = _validate(ExportMeta, meta, meta_path)
+    if len(m.thresholds) != len(m.tags):
+        raise ExportError(f"{meta_path}: {len(m.thresholds)} thresholds for {len(m.tags)} tags")
+    return ExportedModel(arch=m.arch, tags=m.tags, size=m.size, normalization=m.normalize, threshold=m.threshold,
+                         thresholds=m.thresholds, dropout=m.dropout, config=m.config, metrics=m.metrics,
+                         weights=weights)

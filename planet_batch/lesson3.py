@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from planet_batch.config import ScoreConfig, TrainConfig
+from planet_batch.data.submission import check_submission
 from planet_batch.errors import PlanetBatchError
-from planet_batch.folds import train
-from planet_batch.score import ScoreSummary, run_scoring
-from planet_batch.submission import check_submission
+from planet_batch.scoring.score import ScoreSummary, run_scoring
+from planet_batch.training.folds import train
 
 log = logging.getLogger(__name__)
 
@@ -26,18 +27,21 @@ class Lesson3Result:
     submitted: bool
 
 
-def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, threshold: str = "0.2",
-                tta: bool = False, submit_message: str | None = None) -> Lesson3Result:
-    """Train -> export -> score test-jpg + test-jpg-additional -> check -> (optionally) submit to Kaggle."""
-    from planet_batch.kaggle import submit
-    from planet_batch.layout import find_layout
+def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
+                submit_message: str | None = None, **score_fields) -> Lesson3Result:
+    """Train -> export -> score test-jpg + test-jpg-additional -> check -> (optionally) submit to Kaggle.
+
+    `score_fields`: ScoreConfig fields for the scoring (threshold, tta); checked before training starts."""
+    from planet_batch.data.kaggle import submit
+    from planet_batch.data.layout import find_layout
 
     run_dir = Path(run_dir)
+    score_cfg = ScoreConfig(model=str(run_dir / "export"), data=str(data_root), out=str(run_dir / "submission.csv"),
+                            overwrite=True, data_shared=train_cfg.data_shared,
+                            probs_out=str(run_dir / "probs.parquet"), **score_fields)
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
     export = train(train_cfg, data_root, run_dir)  # one model, or with folds: K the fold ensemble
-    summary = run_scoring(ScoreConfig(model=str(export), data=str(data_root), out=str(run_dir / "submission.csv"),
-                                      threshold=threshold, tta=tta, overwrite=True, data_shared=train_cfg.data_shared,
-                                      probs_out=str(run_dir / "probs.parquet")))
+    summary = run_scoring(dataclasses.replace(score_cfg, model=(str(export),)))
     problems = check_submission(summary.output, layout.sample_submission)
     if problems:
         raise SubmissionError(f"{summary.output} failed its check: {'; '.join(problems)}")

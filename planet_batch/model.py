@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from planet_batch.config import TORCHVISION_ARCHS
+from planet_batch.data.transforms import Normalization
 from planet_batch.errors import first_line
-from planet_batch.transforms import Normalization
 from planet_batch.weights import (
     WeightsError,
     timm_model,
@@ -143,7 +143,8 @@ def param_groups(model: nn.Sequential, lr: float | tuple[float, float]) -> list[
 
 
 def one_cycle(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.OneCycleLR:
-    """fastai's fit_one_cycle: warm-up 30%, div 25, final div 1e5 of the peak, beta1 0.95 -> 0.85 -> 0.95."""
+    """fastai's fit_one_cycle: warm-up 30% from the peak / 25, cosine down to the peak / 2.5e5 (torch divides the
+    start by final_div_factor; fastai ends at the peak / 1e5), beta1 0.95 -> 0.85 -> 0.95."""
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=[g["lr"] for g in optimizer.param_groups],

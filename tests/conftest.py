@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from planet_batch.demo_data import write_demo_data
+from planet_batch.data.demo_data import write_demo_data
 
 # The Hugging Face hub cache of this test session (and of every process and Ray worker it starts): its own
 # folder, so that tests neither read nor fill the user's cache, and offline, as every machine here is, so a
@@ -62,7 +62,7 @@ def ray_local(tmp_path_factory):
     """
     import ray
 
-    from planet_batch.runtime import FAULT_DIR_ENV
+    from planet_batch.cluster.runtime import FAULT_DIR_ENV
 
     fault_dir = tmp_path_factory.mktemp("faults")
     os.environ[FAULT_DIR_ENV] = str(fault_dir)

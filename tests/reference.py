@@ -3,10 +3,10 @@
 import numpy as np
 import torch
 
+from planet_batch.data.labels import TAGS
+from planet_batch.data.transforms import decode_image, dihedral, to_model_input
 from planet_batch.export import load_export, save_export
-from planet_batch.labels import TAGS
 from planet_batch.model import build_model, normalization
-from planet_batch.transforms import decode_image, dihedral, to_model_input
 
 
 def tiny_export(path, size=32):

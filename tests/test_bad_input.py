@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from planet_batch.submission import write_submission
-from planet_batch.transforms import DecodeError, decode_image
+from planet_batch.data.submission import write_submission
+from planet_batch.data.transforms import DecodeError, decode_image
 
 SIZE = 64
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from planet_batch.cli import main
-from planet_batch.labels import read_labels
+from planet_batch.data.labels import read_labels
 
 
 def test_demo_data_and_show_batch(tmp_path, capsys):
@@ -74,7 +74,7 @@ def test_the_readme_documents_every_subcommand():
 
 @pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
 def test_every_readme_command_parses_and_builds_its_config(argv, monkeypatch):
-    from planet_batch.cli import SCORE_FLAGS, ScoreConfig, build_parser, config_from_args, train_config
+    from planet_batch.cli import ScoreConfig, build_parser, config_from_args, train_config
 
     monkeypatch.chdir(README.parent)  # config paths in the README are relative to the checkout
     args = build_parser().parse_args(argv)
@@ -84,7 +84,7 @@ def test_every_readme_command_parses_and_builds_its_config(argv, monkeypatch):
             if getattr(args, name) is not None:
                 assert getattr(cfg, name) == getattr(args, name)
     elif args.command == "score":
-        cfg = config_from_args(ScoreConfig, args, SCORE_FLAGS)
+        cfg = config_from_args(ScoreConfig, args)
         if args.threshold is not None:
             assert cfg.threshold == args.threshold  # "0.2" and "tuned" alike, as text
         if args.out is not None:
@@ -92,11 +92,11 @@ def test_every_readme_command_parses_and_builds_its_config(argv, monkeypatch):
 
 
 def test_flag_values_reach_the_config_as_typed_values(tmp_path):
-    from planet_batch.cli import SCORE_FLAGS, ScoreConfig, build_parser, config_from_args
+    from planet_batch.cli import ScoreConfig, build_parser, config_from_args
 
     args = build_parser().parse_args(["score", "--model", "m", "--data", "d", "--threshold", "0.2", "--out", "2024",
                                       "--batch-size", "8", "--cpus-per-actor", "0.5", "--tta"])
-    cfg = config_from_args(ScoreConfig, args, SCORE_FLAGS)
+    cfg = config_from_args(ScoreConfig, args)
     assert (cfg.threshold, cfg.out, cfg.batch_size, cfg.cpus_per_actor, cfg.tta) == ("0.2", "2024", 8, 0.5, True)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["score", "--model", "m", "--data", "d", "--batch-size", "eight"])
@@ -117,7 +117,7 @@ def test_every_documented_score_form_runs_on_demo_data(argv, ray_local, demo_roo
     """Paths swapped for the demo data and a local output; `--gpus-per-actor` dropped (no GPU here)."""
     from reference import tiny_export
 
-    from planet_batch.submission import check_submission
+    from planet_batch.data.submission import check_submission
 
     where = {"--model": str(tiny_export(tmp_path / "export")), "--data": str(demo_root),
              "--images": str(demo_root / "test-jpg"), "--out": str(tmp_path / "out.csv"),
@@ -167,7 +167,7 @@ def test_a_stopped_training_ends_at_once_with_one_line(demo_root, tmp_path, sig,
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
-    row = re.compile(r"planet_batch\.train: (fold-\d)? *\d+ +\d\.\d+ ")  # an epoch row of the table
+    row = re.compile(r"planet_batch\.training\.train: (fold-\d)? *\d+ +\d\.\d+ ")  # an epoch row of the table
     deadline = time.monotonic() + 240
     while len({m[1] for m in map(row.search, list(lines)) if m}) < max(1, folds):  # every fold is training
         assert proc.poll() is None and time.monotonic() < deadline, (proc.returncode, "".join(lines)[-3000:])

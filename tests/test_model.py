@@ -79,7 +79,7 @@ def test_each_layer_group_gets_its_learning_rate(arch, groups):
 @pytest.mark.parametrize("arch", ["resnet18", LITE0])
 def test_a_frozen_epoch_moves_only_the_head_and_batchnorm(arch):
     """Tensor by tensor, through the training step itself: fastai's freeze with train_bn."""
-    from planet_batch.train import train_one_epoch
+    from planet_batch.training.steps import train_one_epoch
 
     torch.manual_seed(0)
     model = build_model(arch, 17)

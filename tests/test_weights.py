@@ -9,8 +9,8 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
+from planet_batch.data.transforms import Normalization, decode_image, to_model_input
 from planet_batch.model import build_model, normalization
-from planet_batch.transforms import Normalization, decode_image, to_model_input
 from planet_batch.weights import WeightsError, convert_packaged, import_packaged, packaged_weights, timm_model
 
 LITE0 = "tf_efficientnet_lite0"

@@ -1,0 +1,184 @@
+"""The scoring work folder: Parquet shards that Ray Data writes, and what a rerun may take from them.
+
+    WORK/run.json     what the rows were computed with: exports' weight fingerprints, size, TTA, precision, tags, inputs
+    WORK/shards/      one Parquet file per write task: path, image_name, 17 probabilities, ok, error
+    WORK/commits/     Ray Data's checkpoint files: the ids (image paths) of each shard, `.pending` until written
+
+Ray Data's job-level checkpointing (`CheckpointConfig`) writes the shards with a two-phase commit:
+the ids go to `commits/X.pending.parquet`, then the shard `shards/X-0.parquet`, then the pending file is
+renamed. A committed id file therefore means a whole shard. Its resume side is not used, for two measured
+reasons (docs/scoring.md, "Resuming"): its `CheckpointFilter` is a pool of actors of one CPU and 1 GiB each
+placed between the read and the decode; with the scoring actors that left no CPU for the read and decode
+tasks on a 2-core machine and the rerun hung (Ray Data: "2.5/2 CPU", no row in 60 s). It also reads every
+already-scored image again only to drop it. Instead the driver reads the committed ids here, and the
+pipeline reads only the images that have none; Ray's recovery of half-done commits is done here too, in
+the driver, which always reaches the work folder (Ray runs it as a task that may land on another node).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from ray.data.checkpoint import CheckpointConfig
+from ray.data.checkpoint.checkpoint_filter import IdColumnCheckpointManager
+
+from planet_batch.cluster.storage import Location, StorageError, locate
+from planet_batch.errors import PlanetBatchError, first_line
+
+log = logging.getLogger(__name__)
+
+ID_COLUMN = "path"
+PENDING = ".pending.parquet"  # ray.data.checkpoint.checkpoint_writer.PENDING_CHECKPOINT_SUFFIX + ".parquet"
+
+
+class WorkFolderError(PlanetBatchError, RuntimeError):
+    pass
+
+
+def _by_write_task(shards: list[Location]) -> dict[str, list[Location]]:
+    """The shards by the write task that wrote them: Ray names a commit `X.parquet` and its shards
+    `X-0.parquet`, `X-1.parquet`, ... (or `X.parquet`), so one lookup per commit finds them."""
+    tasks: dict[str, list[Location]] = {}
+    for s in shards:
+        stem = s.name.removesuffix(".parquet")
+        base, sep, index = stem.rpartition("-")
+        tasks.setdefault(base if sep and index.isdigit() else stem, []).append(s)
+    return tasks
+
+
+@dataclass
+class WorkFolder:
+    root: Location
+    _counted: dict[str, int] = field(default_factory=dict)  # commit file -> rows, for progress
+
+    @property
+    def shards(self) -> Location:
+        return self.root / "shards"
+
+    @property
+    def commits(self) -> Location:
+        return self.root / "commits"
+
+    @property
+    def manifest(self) -> Location:
+        return self.root / "run.json"
+
+    @classmethod
+    def open(cls, where: str | Location, run: dict, overwrite: bool) -> WorkFolder:
+        """The work folder for a run described by `run`: new, resumed, or (with `overwrite`) emptied.
+
+        Rows computed with other weights, size, TTA or inputs are never mixed in: a folder whose
+        run.json differs is refused with one line, as is a non-empty folder that is not a work folder.
+        """
+        work = cls(locate(where))
+        work.root.parent.check_writable_folder()
+        if work.root.exists():
+            if overwrite:
+                work.remove()
+            elif not work.manifest.is_file():
+                if work.root.is_dir() and not work.root.files(""):
+                    pass  # an empty folder made for us
+                else:
+                    raise WorkFolderError(f"work folder {work.root} exists and is not one (no run.json); "
+                                          "give another --work-dir or remove it")
+            else:
+                try:
+                    before = json.loads(work.manifest.read_bytes())
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    before = None
+                if before != run:
+                    what = {"models": "--model", "size": "input size", "tta": "--tta", "precision": "--precision"}
+                    differ = [what.get(k, k) for k in sorted(set(run) | set(before or {}))
+                              if (before or {}).get(k) != run.get(k)]
+                    raise WorkFolderError(
+                        f"work folder {work.root}: its rows were scored with another {' and '.join(differ)}; rerun "
+                        "with the same ones to resume, or pass --overwrite to start over")
+        try:
+            work.manifest.write_atomic(lambda p: p.write_text(json.dumps(run, indent=2, sort_keys=True)))
+            if work.root.local:
+                Path(work.shards.path).mkdir(exist_ok=True)
+                Path(work.commits.path).mkdir(exist_ok=True)
+        except (OSError, StorageError) as e:
+            raise WorkFolderError(f"work folder {work.root}: cannot write it: {e}") from None
+        return work
+
+    def checkpoint_config(self):
+        """Ray Data's two-phase-commit writing into this folder; the filter is replaced (module docstring)."""
+        return CheckpointConfig(
+            id_column=ID_COLUMN, checkpoint_path=str(self.commits), override_filesystem=self.commits.fs,
+            delete_checkpoint_on_success=False,  # the shards outlive the write: assembly reads them
+            checkpoint_manager_cls=ListedBeforeRead,
+        )
+
+    def recover(self) -> set[str]:
+        """Clean what an interruption left, then the ids (image paths) of every whole shard.
+
+        A pending commit means its shard may be half-written: the shard goes, its images are scored again
+        (what Ray's own recovery does). A committed shard that is missing or does not open as Parquet
+        (truncated, overwritten) goes with its commit, with one warning line: rescored, never dropped.
+        """
+        try:
+            return self._recover()
+        except OSError as e:  # (a StorageError is one) listing or deleting failed
+            raise WorkFolderError(f"work folder {self.root}: cannot clean up after the last run: "
+                                  f"{first_line(e)}") from None
+
+    def _recover(self) -> set[str]:
+        shards = _by_write_task(self.shards.files(".parquet"))
+        done: set[str] = set()
+        for commit in self.commits.files(".parquet"):
+            if commit.name.endswith(PENDING):
+                for s in shards.get(commit.name.removesuffix(PENDING), []):
+                    s.fs.delete_file(s.path)
+                commit.fs.delete_file(commit.path)
+                continue
+            files = shards.get(commit.name.removesuffix(".parquet"), [])
+            try:
+                rows = sum(pq.ParquetFile(s.fs.open_input_file(s.path)).metadata.num_rows for s in files)
+                ids = pq.read_table(commit.fs.open_input_file(commit.path), columns=[ID_COLUMN])[ID_COLUMN]
+                if not files or rows != len(ids):
+                    raise ValueError(f"{len(files)} shard files with {rows} rows for {len(ids)} ids")
+            except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+                log.warning("work folder: shard %s is unreadable (%s); its images will be scored again",
+                            files[0] if files else commit.name, first_line(e))
+                for s in [*files, commit]:
+                    s.fs.delete_file(s.path)
+                continue
+            done.update(ids.to_pylist())
+        return done
+
+    def committed_rows(self) -> int:
+        """Rows in whole shards now (for progress): one footer read per new commit file."""
+        for commit in self.commits.files(".parquet"):
+            if commit.path not in self._counted and not commit.name.endswith(PENDING):
+                try:
+                    f = commit.fs.open_input_file(commit.path)
+                    self._counted[commit.path] = pq.ParquetFile(f).metadata.num_rows
+                except (OSError, ValueError):
+                    pass  # being renamed right now: counted next time
+        return sum(self._counted.values())
+
+    def shard_files(self) -> list[Location]:
+        return self.shards.files(".parquet")
+
+    def remove(self) -> None:
+        if self.root.local:
+            shutil.rmtree(self.root.path, ignore_errors=True)
+        else:
+            try:
+                self.root.fs.delete_dir(self.root.path)
+            except FileNotFoundError:
+                pass
+
+
+class ListedBeforeRead(IdColumnCheckpointManager):
+    """Ray's checkpoint manager with nothing to filter: `WorkFolder.recover` already cleaned pending
+    commits and the pipeline reads only unscored images, so no `CheckpointFilter` operator is planned."""
+
+    def load_checkpoint(self, data_file_dir=None, data_file_filesystem=None):
+        return None, 0

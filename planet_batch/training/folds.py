@@ -1,0 +1,187 @@
+"""K-fold training: K Ray Train runs side by side, out-of-fold thresholds, and a fold ensemble export.
+
+What Kaggle's Planet winners did: every labelled image is held out by exactly one fold, so the
+out-of-fold (OOF) predictions cover the whole labelled set and per-class thresholds tuned on them
+do not overfit a 20% split; the K fold models are averaged at scoring time. The folds are
+independent Ray Train runs, so the driver starts as many at once as the cluster has room for.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from planet_batch.cluster.runtime import DATA_CPUS, check_capacity, ensure_ray
+from planet_batch.cluster.storage import Location, locate, write_atomic
+from planet_batch.config import ConfigError, TrainConfig, from_dict, to_dict
+from planet_batch.data.datasets import Split, labelled_split, load_labelled_batch
+from planet_batch.data.labels import TAGS
+from planet_batch.data.layout import fold_indices
+from planet_batch.data.transforms import to_model_input
+from planet_batch.errors import PlanetBatchError
+from planet_batch.export import ExportedModel, ExportError, load_export, save_ensemble
+from planet_batch.model import inference, resolve_precision
+from planet_batch.training import TrainError
+from planet_batch.training.metrics import fbeta, tune_thresholds
+from planet_batch.training.run_folder import claim_run_folder, same_run, write_metrics
+from planet_batch.training.train import run_training
+
+log = logging.getLogger(__name__)
+
+FOLD_COLUMNS = ("fold", "n_train", "n_valid", "fbeta", "fbeta_tuned", "time")
+
+
+@dataclass(frozen=True)
+class Fold:
+    index: int
+    train: Split
+    held_out: Split
+
+    @property
+    def name(self) -> str:
+        return f"fold-{self.index}"
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    fold: Fold
+    export: ExportedModel
+    probs: np.ndarray  # the fold export's probabilities for its held-out images, in their order
+    seconds: float  # 0 for a fold finished by an earlier run
+
+
+def make_folds(data: Location, k: int, seed: int) -> list[Fold]:
+    """The seeded K-fold partition of the labelled images: the same for the same seed, anywhere."""
+    every = labelled_split(data)
+    if k > len(every):
+        raise TrainError(f"folds: {k} folds of {len(every)} labelled images; at most one fold per image")
+    parts = fold_indices(every.names, k, seed)
+    return [Fold(i, every.part(np.concatenate([p for j, p in enumerate(parts) if j != i])), every.part(held))
+            for i, held in enumerate(parts)]
+
+
+def folds_that_fit(cfg: TrainConfig) -> int:
+    """How many folds' worker groups the cluster holds at once, leaving DATA_CPUS to Ray Data's decode tasks
+    (as `check_capacity` does for one run)."""
+    import ray
+
+    res = ray.cluster_resources()
+    fit = int((res.get("CPU", 0.0) - DATA_CPUS) // (cfg.workers * cfg.cpus_per_worker))
+    if cfg.gpu:
+        fit = min(fit, int(res.get("GPU", 0.0) // cfg.workers))
+    return max(1, min(cfg.folds, fit))
+
+
+def predict(export: ExportedModel, split: Split, precision: str, batch_size: int = 64) -> np.ndarray:
+    """The export's probabilities for `split`'s images, as `planet-batch score` computes them (same decoder,
+    normalisation and inference context)."""
+    device = torch.device("cpu")
+    model = export.build(device)
+    probs = []
+    with inference(device, resolve_precision(precision, device)):
+        for i in range(0, len(split), batch_size):
+            batch = {"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]}
+            images = load_labelled_batch(batch, export.size, augment=False, fs=split.fs)["image"]
+            x = to_model_input(images, device, export.normalization)
+            probs.append(torch.sigmoid(model(x).float()).numpy())
+    return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
+
+
+def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
+    """The fold's export when an earlier run of the same config finished it (none with `overwrite`)."""
+    try:
+        export = load_export(fold_dir / "export")
+        earlier = from_dict(TrainConfig, export.config)
+    except (ExportError, ConfigError):
+        return None
+    return export if not cfg.overwrite and same_run(earlier, cfg) is None else None
+
+
+def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> FoldResult:
+    fold_dir = run_dir / fold.name
+    t0 = time.perf_counter()
+    export = finished_export(fold_dir, cfg)
+    if export is not None:
+        log.info("%s: finished by an earlier run, export kept: %s", fold.name, fold_dir / "export")
+        seconds = 0.0
+    else:
+        export = load_export(run_training(cfg, data, fold_dir, split=(fold.train, fold.held_out), fold=fold.name))
+        seconds = time.perf_counter() - t0
+    return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
+
+
+def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
+    """Train `cfg.folds` folds (each a run folder RUN/fold-i), write RUN/oof.parquet and RUN/metrics.csv, and
+    export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export."""
+    run_dir = Path(run_dir).resolve()
+    data = locate(data_root)
+    folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
+    for f in folds:  # as is another config on a fold's run folder
+        claim_run_folder(run_dir / f.name, cfg)
+    ensure_ray()
+    if not cfg.autoscale:
+        check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
+    # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.
+    parallel = 1 if cfg.workers == 0 else min(cfg.parallel_folds, cfg.folds) if cfg.parallel_folds \
+        else folds_that_fit(cfg)
+    log.info("%d folds of %d labelled images (%d held out each), %d at a time; run folder %s", cfg.folds,
+             sum(len(f.held_out) for f in folds), len(folds[0].held_out), parallel, run_dir)
+    # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
+    # stays on this machine, and Ray schedules the folds' worker groups side by side.
+    pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
+    futures = [pool.submit(train_fold, cfg, data, run_dir, f) for f in folds]
+    try:
+        errors = [f.exception() for f in futures]
+    except KeyboardInterrupt:
+        # Not the executor's `with`, whose exit waits for the running folds: they wait inside Ray Train's fit,
+        # which only a main-thread handler can abort, so Ctrl-C used to wait for every fold to finish. The folds
+        # not started are dropped; the CLI ends the driver at once, and the running folds' runs with it.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
+    failed = [(fold, e) for fold, e in zip(folds, errors) if e is not None]
+    if failed:  # every other fold has finished (or failed) by now: what finished is kept
+        fold, e = failed[0]
+        if not isinstance(e, PlanetBatchError):
+            raise e
+        raise TrainError(f"{fold.name}: {e} ({len(folds) - len(failed)} of {len(folds)} folds finished and are "
+                         "kept: the same command again trains only the others)") from None
+    return write_results(cfg, run_dir, [f.result() for f in futures])
+
+
+def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult]) -> Path:
+    names = [n for r in results for n in r.fold.held_out.names]
+    probs = np.concatenate([r.probs for r in results])
+    targets = np.concatenate([r.fold.held_out.targets for r in results])
+    thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
+    oof = pd.DataFrame({"image_name": names, "fold": np.repeat([r.fold.index for r in results],
+                                                               [len(r.fold.held_out) for r in results])})
+    oof = pd.concat([oof, pd.DataFrame(probs, columns=list(TAGS))], axis=1).sort_values("image_name")
+    write_atomic(run_dir / "oof.parquet", lambda p: oof.to_parquet(p, index=False))
+
+    rows = [{"fold": r.fold.index, "n_train": len(r.fold.train), "n_valid": len(r.fold.held_out),
+             "fbeta": fbeta(r.probs, r.fold.held_out.targets, cfg.threshold),
+             "fbeta_tuned": r.export.metrics.get("fbeta_tuned"), "time": round(r.seconds, 1)} for r in results]
+    summary = {"fold": "oof", "n_train": "", "n_valid": len(names), "fbeta": fbeta(probs, targets, cfg.threshold),
+               "fbeta_tuned": fbeta(probs, targets, thresholds), "time": round(sum(r.seconds for r in results), 1)}
+    write_metrics(run_dir, [*rows, summary], FOLD_COLUMNS)
+    export = save_ensemble(run_dir / "export", [f"{r.fold.name}/export" for r in results],
+                           threshold=cfg.threshold, thresholds=thresholds, config=to_dict(cfg),
+                           metrics={"oof_fbeta": summary["fbeta"], "oof_fbeta_tuned": summary["fbeta_tuned"],
+                                    "n_oof": len(names), "folds": rows})
+    log.info("out of fold: F2 %.4f at %.2f, %.4f with thresholds tuned on all %d rows; %d-fold ensemble: %s",
+             summary["fbeta"], cfg.threshold, summary["fbeta_tuned"], len(names), len(results), export)
+    return export
+
+
+
+def train(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
+    """`planet-batch train`: K folds and their ensemble export with `folds: K`, else one model; the export."""
+    return (run_folds if cfg.folds else run_training)(cfg, data_root, run_dir)

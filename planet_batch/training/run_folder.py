@@ -1,0 +1,142 @@
+"""The run folder a training job writes from the checkpoints Ray Train kept: config.yaml, stages/NAME.pt,
+metrics.csv, losses.png and export/; and the rule that a run folder holds one run."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from planet_batch.cluster.storage import locate, write_atomic
+from planet_batch.config import HOW_NOT_WHAT, TrainConfig, load_config, to_dict
+from planet_batch.data.labels import TAGS
+from planet_batch.export import save_export
+from planet_batch.model import normalization
+from planet_batch.training import TrainError
+from planet_batch.training.metrics import best_constant_fbeta, fbeta, tune_thresholds
+from planet_batch.training.steps import fold_prefix
+from planet_batch.training.worker import read_state
+
+log = logging.getLogger("planet_batch.training.train")
+
+METRIC_COLUMNS = ("stage", "epoch", "train_loss", "valid_loss", "accuracy_thresh", "fbeta", "time", "precision",
+                  "compiled")
+
+
+def write_metrics(run_dir: Path, rows: list[dict], columns: tuple[str, ...] = METRIC_COLUMNS) -> Path:
+    """RUN_DIR/metrics.csv, atomically: a run's epoch rows (or, for K folds, folds.FOLD_COLUMNS)."""
+    def write(p: Path):
+        with p.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows({k: r.get(k, "") for k in columns} for r in rows)  # (older runs lack the mode)
+
+    write_atomic(run_dir / "metrics.csv", write)
+    return run_dir / "metrics.csv"
+
+
+def same_run(a: TrainConfig, b: TrainConfig) -> str | None:
+    """None when `a` and `b` train the same model (settings of how a run is carried out may differ), else the first
+    field that differs, as `stages[1].epochs: 3 -> 4`."""
+    def first_difference(old, new, path: str) -> str | None:
+        if isinstance(old, dict) and isinstance(new, dict) and old.keys() == new.keys():
+            return next((d for k in old if (d := first_difference(old[k], new[k], f"{path}.{k}"))), None)
+        if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            return next((d for i, (x, y) in enumerate(zip(old, new)) if (d := first_difference(x, y, f"{path}[{i}]"))),
+                        None)
+        return None if old == new else f"{path}: {old} -> {new}"
+
+    old, new = to_dict(a), to_dict(b)
+    return next((d for k in old if k not in HOW_NOT_WHAT and (d := first_difference(old[k], new[k], k))), None)
+
+
+def ray_storage(cfg: TrainConfig, run_dir: Path) -> str:
+    return cfg.storage or str(run_dir / "ray")
+
+
+def run_name(run_dir: Path) -> str:
+    """The Ray Train run of a run folder: the same for every command on that folder (so a new trainer resumes it,
+    Ray Train's job-driver fault tolerance), different for another folder sharing the storage."""
+    return f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+def local_checkpoints(cfg: TrainConfig, storage: str, name: str) -> str | None:
+    """Local mode's checkpoint folders (Ray Train keeps a reference to each instead of copying it to storage)."""
+    return None if cfg.workers else str(Path(storage) / name / "local")
+
+
+def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
+    """A run folder holds one run: the same config goes on where it stopped, another is refused, and
+    `overwrite` starts over (the folder's files and its Ray Train run go)."""
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        return
+    if cfg.overwrite:
+        for path in (run_dir / "stages", run_dir / "export", run_dir / "metrics.csv", run_dir / "losses.png", saved):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        ray_run = locate(ray_storage(cfg, run_dir)) / run_name(run_dir)
+        if ray_run.is_dir():
+            ray_run.fs.delete_dir(ray_run.path)
+        return
+    differs = same_run(load_config(TrainConfig, saved), cfg)
+    if differs:
+        raise TrainError(f"run folder {run_dir} holds a run of another config ({differs}): the same config resumes "
+                         "it, --overwrite starts over")
+
+
+def save_stage(run_dir: Path, cfg: TrainConfig, state: dict) -> Path:
+    """RUN_DIR/stages/NAME.pt: the stage's final weights, which a later config can `start_from`."""
+    stage = cfg.stages[state["stage"]]
+    path = run_dir / "stages" / f"{stage.name}.pt"
+    write_atomic(path, lambda p: torch.save(
+        {"model": state["model"], "arch": cfg.arch, "stage": stage.name, "size": stage.size,
+         "config": to_dict(cfg), "metrics": state["history"]["epochs"][-1],
+         "resumed_after": [e for name, e in state["history"]["resumed_after"] if name == stage.name]}, p))
+    return path
+
+
+def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> dict:
+    """stages/NAME.pt from each stage's last checkpoint, metrics.csv and losses.png from the final one (every
+    epoch of the run once, however often it resumed); the final state."""
+    from ray.train import Checkpoint
+
+    from planet_batch.training.plots import plot_losses
+
+    local = local_checkpoints(cfg, ray_storage(cfg, run_dir), run_name(run_dir))
+    if local is None:
+        ends = [c for c, m in result.best_checkpoints if m.get("stage_end")]
+    else:  # local mode keeps no ranking: every epoch's checkpoint is a folder of its own
+        ends = [Checkpoint.from_directory(d) for d in sorted(Path(local).glob("checkpoint_*"))]
+    states = {c.path: read_state(c) for c in ends}
+    for state in states.values():
+        if "valid_probs" in state:  # (a stage's last epoch)
+            log.info("stage %s saved to %s", cfg.stages[state["stage"]].name, save_stage(run_dir, cfg, state))
+    # The run's last checkpoint is the last stage's end, read above (a download, with storage on S3)
+    final = states.get(result.checkpoint.path) or read_state(result.checkpoint)
+    history = final["history"]
+    write_metrics(run_dir, history["epochs"])
+    per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
+    plot_losses(history["batch_losses"], [(k + 1) * per_epoch for k in range(len(history["epochs"]))],
+                [r["valid_loss"] for r in history["epochs"]], run_dir / "losses.png")
+    return final
+
+
+def export_run(run_dir: Path, cfg: TrainConfig, state: dict, fold: str = "") -> Path:
+    """RUN_DIR/export: the final weights with thresholds tuned for F2 on the last validation pass."""
+    probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
+    thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
+    final = {**state["history"]["epochs"][-1], "fbeta_tuned": fbeta(probs, targets, thresholds),
+             "best_constant_fbeta": best_constant_fbeta(targets), "n_valid": len(probs)}
+    export = save_export(
+        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size,
+        normalization=normalization(cfg.arch), threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
+        config=to_dict(cfg), metrics=final,
+    )
+    log.info("%sfinal: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
+             fold_prefix(fold), final["fbeta"], cfg.threshold, final["fbeta_tuned"],
+             final["best_constant_fbeta"])
+    return export

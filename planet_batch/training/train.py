@@ -1,0 +1,201 @@
+"""The lesson-3 recipe as data-parallel Ray Train: stages of fit_one_cycle, checkpoints, resume, export.
+
+A training job is one `TorchTrainer.fit()` (this module, the driver): its workers go through the config's
+stages (worker.py; each fastai's `fit_one_cycle` call, one epoch's steps in steps.py), switching to the stage's
+data at the boundary. Workers only report metrics and checkpoints to Ray; the driver writes the run folder from
+the checkpoints Ray kept (run_folder.py), so a run that resumed (after a lost worker, or a lost driver: the same
+command again) leaves exactly its planned epochs in metrics.csv.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from planet_batch.cluster.runtime import (
+    check_capacity,
+    ensure_ray,
+    quiet_data_progress,
+    sigint_kept,
+    torch_threads,
+    verbose,
+)
+from planet_batch.cluster.storage import locate, read_placement
+from planet_batch.config import TrainConfig, save_config
+from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split
+from planet_batch.data.labels import TAGS
+from planet_batch.model import build_model, normalization
+from planet_batch.training import TrainError
+from planet_batch.training.run_folder import (
+    claim_run_folder,
+    export_run,
+    local_checkpoints,
+    ray_storage,
+    run_name,
+    write_run_folder,
+)
+from planet_batch.training.steps import fold_prefix
+from planet_batch.training.worker import WorkerPlan, train_loop
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TrainError", "run_training", "stage_datasets"]
+
+
+def load_stage_file(path: Path | str) -> dict:
+    """Model weights saved at the end of a stage (RUN_DIR/stages/NAME.pt), tensors only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)["model"]
+    except (OSError, KeyError, RuntimeError) as e:
+        raise TrainError(f"cannot load saved stage {path}: {e}") from None
+
+
+def initial_state(cfg: TrainConfig) -> dict:
+    """The first stage's weights, made in the driver so a missing weights file fails here, once."""
+    first = cfg.stages[0].start_from
+    if first is not None:
+        return load_stage_file(first)
+    if cfg.weights == "none":
+        log.warning("weights: none - %s trains from random initialisation, no pretrained body", cfg.arch)
+    return build_model(cfg.arch, len(TAGS), weights=cfg.weights, dropout=cfg.dropout).state_dict()
+
+
+def start_files(cfg: TrainConfig) -> dict[str, dict]:
+    """The saved stage files (.pt) that later stages start from, read here: the workers get them through the
+    object store, wherever they run."""
+    return {st.name: load_stage_file(st.start_file) for st in cfg.stages[1:] if st.start_file}
+
+
+def kept_stages(cfg: TrainConfig) -> tuple[str, ...]:
+    """The stages of this config that a later stage starts from: their final weights travel in the checkpoints."""
+    return tuple(sorted({st.start_from for st in cfg.stages if st.start_from and not st.start_file}))
+
+
+def stage_datasets(train: Split, valid: Split, sizes: Iterable[int], world: int,
+                   label_selector: dict[str, str] | None = None) -> dict:
+    """Per input size of the config: `train_SIZE` (augmented, split across workers by Ray Train) and
+    `valid_SIZE_R`, worker R's slice of `valid`; every stage of that size reads them, one Ray Train run.
+
+    Validation is not augmented, so it is decoded once per size and kept in the object store
+    (20% of the chips at 128 px is ~0.4 GB) instead of restarting a decoding pipeline every
+    epoch, which left the workers idle for its start-up and took the CPU that the next
+    epoch's training data needed.
+    """
+    datasets = {}
+    for size in sorted(set(sizes)):
+        datasets[f"train_{size}"] = labelled_dataset(train, size, augment=True, label_selector=label_selector)
+        for r in range(world):  # together the slices cover every validation image once
+            part = labelled_dataset(valid.part(slice(r, None, world)), size, augment=False,
+                                    label_selector=label_selector)
+            datasets[f"valid_{size}_{r}"] = part.materialize()
+    return datasets
+
+
+REPORT_POLL_S = 0.25
+
+
+def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage: str, name: str,
+            label_selector: dict[str, str] | None = None, fold: str = ""):
+    """Every stage of `cfg` in one Ray Train run (resumed from its latest checkpoint when it exists); Ray's result.
+
+    Every epoch reports a checkpoint; the last epoch of each stage is kept (its weights are `stages/NAME.pt`)
+    with the latest one, which Ray Train always keeps and resumes from."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Ray Train's controller collects the workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default)
+    # and each epoch waits until its report is registered (save_and_report): on the default that cost ~1.3 s an
+    # epoch and ~2 s at the end of the run (the demo config: 11 s of its 95 s). Ray passes the variable from the
+    # driver to its controller; a value the user set stays.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    world = max(1, cfg.workers)
+    datasets = stage_datasets(train, valid, [st.size for st in cfg.stages], world, label_selector)
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"plan": WorkerPlan(
+            cfg=cfg,
+            init=ray.put(init),
+            start_files={n: ray.put(w) for n, w in start_files(cfg).items()},
+            kept_stages=kept_stages(cfg),
+            normalization=normalization(cfg.arch),
+            steps_per_epoch=(len(train) // world) // cfg.batch_size,
+            threads=torch_threads(cfg.torch_threads, cfg.cpus_per_worker),
+            local_checkpoints=local_checkpoints(cfg, storage, name),
+            verbose=verbose(),
+            fold=fold,
+        )},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                     resources_per_worker=resources if cfg.workers else None,
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ranked by `stage_end` (1 at a stage's last epoch): every stage's last checkpoint and the newest
+            # other one stay; the latest is never deleted.
+            checkpoint_config=CheckpointConfig(num_to_keep=len(cfg.stages) + 1, checkpoint_score_attribute="stage_end",
+                                               checkpoint_score_order="max"),
+            # Ray Train's own console lines (worker group start, checkpoint created, ...) at WARNING unless
+            # --verbose; its system log files in the session folder keep every level.
+            logging_config=LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
+    )
+    with sigint_kept():  # fit() leaves its SIGINT handler installed (a later Ctrl-C, scoring in lesson3)
+        try:
+            result = trainer.fit()
+        except SystemExit:
+            # Ctrl-C (or SIGTERM) while Ray Train runs: its own SIGINT handler aborts the run, and Ray's blocking
+            # get then raises SystemExit(1); the CLI says so in one line.
+            raise KeyboardInterrupt from None
+    if result.checkpoint is None:
+        raise TrainError(f"run {name} finished without a checkpoint")
+    return result
+
+
+def check_batches(cfg: TrainConfig, n_train: int) -> None:
+    per_worker = n_train // max(1, cfg.workers)
+    if per_worker < cfg.batch_size:
+        raise TrainError(
+            f"batch_size {cfg.batch_size} is larger than the {per_worker} training images each of "
+            f"{max(1, cfg.workers)} workers gets; lower batch_size or workers"
+        )
+
+
+def check_start_files(cfg: TrainConfig) -> None:
+    for i, st in enumerate(cfg.stages):
+        if st.start_file and not Path(st.start_file).is_file():
+            raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
+
+
+def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
+                 split: tuple[Split, Split] | None = None, fold: str = "") -> Path:
+    """Train every stage of `cfg` on the dataset at `data_root` in one Ray Train run; returns the export folder.
+    The same command on the same run folder resumes an interrupted run from its latest checkpoint.
+    `split`: the (train, validation) images, by default the config's seeded valid_pct split; `fold` names a
+    K-fold run's fold in its console lines (planet_batch.training.folds)."""
+    run_dir = Path(run_dir).resolve()
+    data = locate(data_root)
+    train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
+    check_batches(cfg, len(train))
+    check_start_files(cfg)
+    claim_run_folder(run_dir, cfg)
+    weights = initial_state(cfg)
+    ensure_ray()
+    if not cfg.autoscale:
+        check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
+    quiet_data_progress()
+    reads = read_placement(data, cfg.data_shared)
+    save_config(cfg, run_dir / "config.yaml")
+    log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
+             fold_prefix(fold), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
+    result = fit_run(cfg, init=weights, train=train, valid=valid, storage=ray_storage(cfg, run_dir),
+                     name=run_name(run_dir), label_selector=reads, fold=fold)
+    return export_run(run_dir, cfg, write_run_folder(run_dir, cfg, result), fold)

@@ -1,0 +1,316 @@
+"""Inside each Ray Train worker: the config's stages as fastai's `fit_one_cycle` calls, one epoch at a time.
+
+`train_loop` is Ray Train's `train_loop_per_worker`; `Worker` runs one step a method (resume, build, begin a
+stage, train, validate, record, report) from Ray's latest checkpoint if there is one. Workers only report
+metrics and checkpoints; the driver (train.py) writes the run folder from what Ray kept.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from planet_batch.cluster.runtime import ProgressLine, setup_logging
+from planet_batch.config import Stage, TrainConfig, to_dict
+from planet_batch.data.labels import TAGS
+from planet_batch.data.transforms import Normalization
+from planet_batch.model import build_model, compile_or_eager, resolve_precision, set_frozen, training_setup
+from planet_batch.training.steps import (
+    EpochShare,
+    compile_training,
+    epoch_metrics,
+    evaluate,
+    fold_prefix,
+    format_row,
+    gather,
+    started,
+    table_header,
+    train_one_epoch,
+    warm_up_step,
+)
+
+log = logging.getLogger("planet_batch.training.train")  # one logger for the run's console lines (docs/console.md)
+
+
+def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) -> None:
+    """Report the epoch to Ray Train (rank 0 with the checkpoint), then wait until Ray has registered it.
+
+    Ray Train registers a checkpoint once every worker's report of that epoch is in, which its
+    controller collects every 2 s. Without the wait, a worker that died soon after its report
+    could take the report with it and the restart resumed an epoch earlier; with it, a restart
+    always resumes from the last epoch every worker finished (the cost: about 1 s per epoch).
+    """
+    import ray.train
+
+    if state is None:
+        ray.train.report(metrics)
+    elif local_dir:  # local mode keeps a reference to the folder instead of copying it to storage
+        d = Path(local_dir) / f"checkpoint_{metrics['step']:06d}"
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save(state, d / "state.pt")
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    else:
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+    if not local_dir:
+        t0 = time.perf_counter()
+        ray.train.get_all_reported_checkpoints()
+        log.debug("epoch %d: Ray registered the report after %.2f s", metrics["epoch"], time.perf_counter() - t0)
+
+
+def read_state(checkpoint) -> dict:
+    """The training state a checkpoint holds (tensors and plain data only: `weights_only`)."""
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run goes on: a stage of the config and the epoch within it."""
+
+    stage: int
+    epoch: int
+
+
+def schedule(stages: tuple[Stage, ...], start: Position) -> list[Position]:
+    """Every (stage, epoch) of the config from `start` on, in order."""
+    every = [Position(i, e) for i, st in enumerate(stages) for e in range(st.epochs)]
+    return every[every.index(start):] if start in every else []
+
+
+def next_position(stages: tuple[Stage, ...], done: Position) -> Position:
+    """The epoch after `done` (the stage's next, or the next stage's first)."""
+    if done.epoch + 1 < stages[done.stage].epochs:
+        return Position(done.stage, done.epoch + 1)
+    return Position(done.stage + 1, 0)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What every worker of a run is given (through Ray Train's `train_loop_config`), made once by the driver."""
+
+    cfg: TrainConfig
+    init: Any  # ObjectRef of the first stage's weights (the object store: no shared disk needed)
+    start_files: dict[str, Any]  # stage name -> ObjectRef of the saved stage file (.pt) it starts from
+    kept_stages: tuple[str, ...]  # stages a later stage starts from: their final weights travel in checkpoints
+    normalization: Normalization
+    steps_per_epoch: int
+    threads: int
+    local_checkpoints: str | None  # local mode's checkpoint folders (run_folder.local_checkpoints)
+    verbose: bool
+    fold: str  # a K-fold run's fold, for its console lines
+
+
+@dataclass
+class History:
+    """Every epoch's metrics and batch losses of a run so far, and the (stage, epoch) checkpoints it resumed
+    after; it travels in the checkpoints as plain data (they are loaded `weights_only`)."""
+
+    epochs: list[dict] = field(default_factory=list)
+    batch_losses: list[float] = field(default_factory=list)
+    resumed_after: list[list] = field(default_factory=list)
+
+    def state(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """One epoch over the whole group: fastai's table row and the validation pass it was computed on."""
+
+    metrics: dict
+    losses: list[float]  # this worker's batch losses
+    probs: np.ndarray  # every worker's validation probabilities
+    targets: np.ndarray
+
+
+class Worker:
+    """One Ray Train worker's run: every stage of the config, each fastai's `fit_one_cycle`, from Ray's latest
+    checkpoint if there is one (a restarted worker group, or a resumed run). One method a step."""
+
+    def __init__(self, plan: WorkerPlan):
+        import ray.train
+        import ray.train.torch
+
+        self.plan, self.cfg, self.fold = plan, plan.cfg, plan.fold
+        self.rank = ray.train.get_context().get_world_rank()
+        torch.set_num_threads(plan.threads)
+        torch.manual_seed(self.cfg.seed + self.rank)
+        self.device = ray.train.torch.get_device()
+        self.precision = resolve_precision(self.cfg.precision, self.device)  # on this worker's own hardware
+        self.history = History()
+        self.kept: dict[str, dict] = {}  # final weights of the stages a later stage starts from
+        self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+        self.raw = self.model = self.setup = None
+        self.compiled = False
+
+    def run(self) -> None:
+        import ray.train
+
+        saved = read_state(c) if (c := ray.train.get_checkpoint()) else None
+        start = self.resume_position(saved)
+        if start.stage == len(self.cfg.stages):
+            return
+        # The first epoch's data pipeline starts before the model is built, so that its start-up (~4 s on 2 CPUs)
+        # overlaps the worker's import of the body's library (timm: ~2.5 s) instead of following it.
+        upcoming = self.prefetcher.submit(self.start_epoch, start.stage)
+        self.build(saved)
+        for pos in schedule(self.cfg.stages, start):
+            if pos.epoch == 0 or pos == start:
+                self.begin_stage(pos, saved if pos == start and start.epoch > 0 else None)
+            batches = upcoming.result()
+            after = next_position(self.cfg.stages, pos)
+            upcoming = self.run_epoch(pos, batches, after)
+        self.prefetcher.shutdown()
+
+    def resume_position(self, saved: dict | None) -> Position:
+        """Where to start: the first epoch, or the one after the checkpoint's (its history goes on)."""
+        if saved is None:
+            return Position(0, 0)
+        self.history, self.kept = History(**saved["history"]), saved["kept"]
+        done = Position(saved["stage"], saved["epoch"])
+        stage = self.cfg.stages[done.stage]
+        self.history.resumed_after.append([stage.name, done.epoch])
+        start = next_position(self.cfg.stages, done)
+        if self.rank == 0:
+            if start.stage < len(self.cfg.stages):
+                log.info("%sresuming %s at epoch %d (the checkpoint of %s epoch %d)", fold_prefix(self.fold),
+                         self.cfg.stages[start.stage].name, start.epoch, stage.name, done.epoch)
+            else:
+                log.info("%severy stage is finished (the checkpoint of %s epoch %d): nothing left to train",
+                         fold_prefix(self.fold), stage.name, done.epoch)
+        return start
+
+    def build(self, saved: dict | None) -> None:
+        """The model, with the run's initial weights or the checkpoint's."""
+        import ray
+
+        self.raw = build_model(self.cfg.arch, len(TAGS), weights="none", dropout=self.cfg.dropout)
+        self.raw.load_state_dict(saved["model"] if saved is not None else ray.get(self.plan.init))
+
+    def begin_stage(self, pos: Position, saved: dict | None) -> None:
+        """A stage's model (its frozen groups, its own data-parallel wrapper), optimiser and one-cycle schedule;
+        `saved`: resuming mid-stage, their state from the checkpoint."""
+        import ray
+        import ray.train.torch
+
+        stage = self.cfg.stages[pos.stage]
+        if pos.epoch == 0 and pos.stage > 0 and stage.start_from is not None:
+            start = self.kept.get(stage.start_from)
+            self.raw.load_state_dict(start if start is not None else ray.get(self.plan.start_files[stage.name]))
+        set_frozen(self.raw, stage.frozen)
+        steps = self.plan.steps_per_epoch * stage.epochs
+        # A data-parallel wrapper per stage: DDP reduces the gradients of the parameters that were trainable when
+        # it was made. The previous stage's goes first, with its gradient hooks.
+        self.model = None
+        gc.collect()
+        model = ray.train.torch.prepare_model(self.raw)
+        if compile_training(self.cfg.compile, self.device, steps):  # the export keeps `raw`'s weights
+            model.train()
+            model = compile_or_eager(model, warm_up_step(self.cfg.batch_size, stage.size, self.device,
+                                                         self.precision))
+        self.model, self.compiled = model, isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        self.setup = training_setup(self.raw, stage.lr, self.cfg.weight_decay, steps)
+        if saved is not None:
+            self.setup.optimizer.load_state_dict(saved["optimizer"])
+            self.setup.scheduler.load_state_dict(saved["scheduler"])
+        log.info("%sworker %d: %s, %s, %s", fold_prefix(self.fold, ""), self.rank, self.device, self.precision,
+                 "compiled" if self.compiled else "eager")
+        if self.rank == 0:
+            log.info("%sstage %s: %s, size %d, lr %s\n%s", fold_prefix(self.fold), stage.name,
+                     "frozen" if stage.frozen else "unfrozen", stage.size, stage.lr, table_header(self.fold))
+
+    def start_epoch(self, stage_index: int) -> Iterator:
+        """The stage's training batches for one epoch, their pipeline already started."""
+        import ray.train
+
+        size = self.cfg.stages[stage_index].size
+        shard = ray.train.get_dataset_shard(f"train_{size}")
+        return started(shard.iter_torch_batches(
+            batch_size=self.cfg.batch_size, drop_last=True, device=self.device, prefetch_batches=2,
+            local_shuffle_buffer_size=4 * self.cfg.batch_size))
+
+    def run_epoch(self, pos: Position, batches: Iterator, after: Position) -> Iterator | None:
+        """Train, validate, report; returns the next epoch's batches, already starting."""
+        t0 = time.perf_counter()
+        losses, wait = self.train(pos, batches)
+        train_seconds = time.perf_counter() - t0
+        # Ray Data restarts the pipeline every epoch (~2 s before the first batch on 2 CPUs): start the next one
+        # now, so that start-up overlaps validation instead of training (the next stage's data at a boundary).
+        upcoming = self.prefetcher.submit(self.start_epoch, after.stage) \
+            if after.stage < len(self.cfg.stages) else None
+        result = self.validate(pos, losses, EpochShare.of_training(losses, train_seconds, wait), t0)
+        self.record(pos, result)
+        self.report(pos, result)
+        return upcoming
+
+    def train(self, pos: Position, batches: Iterator) -> tuple[list[float], float]:
+        """One pass over this worker's batches: its batch losses and the seconds it waited for input."""
+        stage = self.cfg.stages[pos.stage]
+        # fastai's progress bar as lines, on rank 0: an epoch over a minute says how it goes every 30 s
+        progress = ProgressLine("images", self.plan.steps_per_epoch * self.cfg.batch_size, every_s=30,
+                                label=f"{fold_prefix(self.fold, '')}{stage.name} epoch {pos.epoch}: ",
+                                longer_than_s=60) if self.rank == 0 else None
+        return train_one_epoch(self.model, batches, self.setup, self.device, self.plan.normalization,
+                               f"train:{stage.name}:{pos.epoch}:{{batch}}:{self.rank}", self.precision, progress)
+
+    def validate(self, pos: Position, losses: list[float], share: EpochShare, t0: float) -> EpochResult:
+        """This worker's validation slice, gathered with every other worker's into the epoch's metrics."""
+        import ray.train
+
+        stage = self.cfg.stages[pos.stage]
+        valid = ray.train.get_dataset_shard(f"valid_{stage.size}_{self.rank}")
+        probs, targets, loss_sum = evaluate(self.raw, valid, self.cfg.batch_size, self.device,
+                                            self.plan.normalization, self.precision)
+        shares = gather(replace(share, probs=probs, targets=targets, valid_loss_sum=loss_sum))
+        probs = np.concatenate([s.probs for s in shares])
+        targets = np.concatenate([s.targets for s in shares])
+        metrics = epoch_metrics(shares, probs, targets, stage, pos.epoch, self.cfg, time.perf_counter() - t0) | {
+            "precision": self.precision, "compiled": self.compiled}
+        return EpochResult(metrics, losses, probs, targets)
+
+    def record(self, pos: Position, result: EpochResult) -> None:
+        """The epoch into the run's history; a stage's final weights kept where a later stage starts from them."""
+        stage = self.cfg.stages[pos.stage]
+        self.history.epochs.append(result.metrics)
+        self.history.batch_losses.extend(result.losses)
+        if pos.epoch == stage.epochs - 1 and stage.name in self.plan.kept_stages:
+            self.kept[stage.name] = {k: v.detach().clone() for k, v in self.raw.state_dict().items()}
+
+    def report(self, pos: Position, result: EpochResult) -> None:
+        """The table row and, from rank 0, the checkpoint: everything a resumed run needs to go on."""
+        stage_end = pos.epoch == self.cfg.stages[pos.stage].epochs - 1
+        state = None
+        if self.rank == 0:
+            log.info("%s", format_row(result.metrics, self.fold))
+            state = {"model": self.raw.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
+                     "scheduler": self.setup.scheduler.state_dict(), "stage": pos.stage, "epoch": pos.epoch,
+                     "history": self.history.state(), "kept": self.kept, "config": to_dict(self.cfg)}
+            if stage_end:  # the export tunes thresholds on the last stage's; stages/NAME.pt come from these
+                state["valid_probs"] = torch.from_numpy(result.probs)
+                state["valid_targets"] = torch.from_numpy(result.targets)
+        step = len(self.history.epochs)  # one global step across stages
+        save_and_report(result.metrics | {"step": step, "stage_end": int(stage_end)}, state,
+                        self.plan.local_checkpoints)
+
+
+def train_loop(config: dict) -> None:
+    """`train_loop_per_worker`: the whole config in one Ray Train run; `config["plan"]`: its WorkerPlan."""
+    plan: WorkerPlan = config["plan"]
+    setup_logging(plan.verbose)
+    if not plan.verbose:
+        # Ray Train sets the worker's root logger to INFO, where its per-report lines ("Reporting training
+        # result ...", on a logger named by file path, so its LoggingConfig misses them) reach the console.
+        logging.getLogger().setLevel(logging.WARNING)
+    Worker(plan).run()

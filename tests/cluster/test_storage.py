@@ -1,0 +1,119 @@
+"""Locations: local paths and URIs through pyarrow's filesystems, against a real local S3 server."""
+
+import pyarrow.fs as pafs
+import pytest
+from clusters import s3_server, s3fs, upload
+from reference import tiny_export
+
+from planet_batch.cli import main
+from planet_batch.cluster.storage import NODE_ID_LABEL, StorageError, existing_dir, locate, read_placement
+from planet_batch.data.datasets import train_valid_split
+from planet_batch.data.layout import find_layout
+from planet_batch.export import load_export
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory, demo_root):
+    """moto's S3 server on 127.0.0.1 with the demo data at s3://planet/data and an export at s3://planet/export."""
+    tmp = tmp_path_factory.mktemp("s3")
+    with s3_server(tmp) as env:
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            upload(env, demo_root, "planet", "data")
+            upload(env, tiny_export(tmp / "export"), "planet", "export")
+            s3fs(env).open_output_stream("planet/not-planet/readme.txt").write(b"no layout here")
+            yield env
+
+
+def test_a_local_path_and_its_file_uri_are_the_same_location(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    plain, uri = locate(tmp_path / "a.txt"), locate(f"file://{tmp_path}/a.txt")
+    assert plain == uri and plain.local and str(plain) == str(tmp_path / "a.txt")
+    assert plain.read_bytes() == b"x" and plain.parent.is_dir() and (plain.parent / "a.txt").is_file()
+    assert [f.name for f in plain.parent.files(".txt")] == ["a.txt"]
+
+
+def test_atomic_writes_leave_the_old_file_when_the_writer_fails(tmp_path):
+    target = locate(tmp_path / "out.csv")
+    target.write_atomic(lambda p: p.write_text("old"))
+
+    def broken(p):
+        p.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        target.write_atomic(broken)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
+
+
+def test_layout_labels_and_export_read_from_s3_equal_the_local_ones(s3, demo_root):
+    remote = find_layout("s3://planet/data", need=("train", "test"))
+    assert remote.kind == "competition" and str(remote.train_csv) == "s3://planet/data/train_v2.csv"
+    (tr_s3, va_s3), (tr, va) = train_valid_split("s3://planet/data"), train_valid_split(demo_root)
+    assert tr_s3.names == tr.names and va_s3.names == va.names and (tr_s3.targets == tr.targets).all()
+    assert isinstance(tr_s3.fs, pafs.S3FileSystem) and tr_s3.paths[0].startswith("planet/data/train-jpg/")
+    assert load_export("s3://planet/export").arch == "resnet18"
+
+
+def test_outputs_go_to_s3_whole(s3):
+    out = locate("s3://planet/out/sub.csv")
+    out.parent.check_writable_folder()
+    out.write_atomic(lambda p: p.write_text("image_name,tags\n"))
+    assert out.read_bytes() == b"image_name,tags\n"
+    with pytest.raises(StorageError, match="bucket 'nobucket' does not exist"):
+        locate("s3://nobucket/out").check_writable_folder()
+
+
+def run_cli(capsys, *argv) -> tuple[int, list[str]]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("data, message", [
+    ("foo://bucket/data", "foo://bucket/data: cannot open (Unrecognized filesystem type"),
+    ("s3://nobucket/data", "s3://nobucket/data: bucket 'nobucket' does not exist"),
+    ("s3://planet/nothing", "s3://planet/nothing: nothing under this prefix"),
+    ("s3://planet/not-planet", "no test data under s3://planet/not-planet"),
+    ("s3://KEY:pa55w0rd@planet/data", "credentials do not go in the URI"),
+])
+def test_bad_data_uris_are_one_line_exit_2_and_write_nothing(s3, capsys, tmp_path, data, message):
+    import ray
+
+    out = tmp_path / "out" / "submission.csv"
+    out.parent.mkdir()
+    code, err = run_cli(capsys, "score", "--model", "s3://planet/export", "--data", data, "--out", str(out))
+    assert code == 2 and len(err) == 1 and message in err[0], err
+    assert "pa55w0rd" not in err[0]
+    code, err = run_cli(capsys, "train", "--config", "jobs/configs/demo.yaml", "--data", data, "--out",
+                        str(tmp_path / "run"))
+    assert code == 2 and len(err) == 1, err
+    assert list(out.parent.iterdir()) == [] and not (tmp_path / "run").exists()
+    assert not ray.is_initialized()  # all of it before Ray starts
+
+
+def test_a_denied_key_is_one_line_naming_the_uri(tmp_path, capsys, monkeypatch):
+    with s3_server(tmp_path, auth=True) as env:  # moto checks every request against IAM, which knows no key
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        code, err = run_cli(capsys, "score", "--model", str(tiny_export(tmp_path / "export")), "--data",
+                            "s3://planet/data", "--out", str(tmp_path / "sub.csv"))
+    assert code == 2 and len(err) == 1 and err[0].startswith("planet-batch score: error: data root s3://planet/data")
+    assert "ACCESS_DENIED" in err[0] and env["AWS_SECRET_ACCESS_KEY"] not in err[0]
+    assert not (tmp_path / "sub.csv").exists()
+
+
+def test_existing_dir_names_what_it_checks(tmp_path):
+    with pytest.raises(StorageError, match=f"--images {tmp_path / 'nope'} is not a directory"):
+        existing_dir(tmp_path / "nope", "--images")
+
+
+@pytest.mark.ray
+def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, tmp_path):
+    import ray
+
+    here = ray.get_runtime_context().get_node_id()
+    assert read_placement(locate(tmp_path), shared=False) == {NODE_ID_LABEL: here}
+    assert read_placement(locate(f"file://{tmp_path}"), shared=False) == {NODE_ID_LABEL: here}
+    assert read_placement(locate(tmp_path), shared=True) is None
+    assert read_placement(locate("s3://planet/data"), shared=False) is None

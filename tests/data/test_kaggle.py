@@ -1,0 +1,240 @@
+"""The Kaggle round trip against a fake at the KaggleApi boundary (no network here), on real archives."""
+
+import io
+import json
+import logging
+import shutil
+import tarfile
+import zipfile
+
+import py7zr
+import pytest
+
+from planet_batch.cli import main
+from planet_batch.data import kaggle
+from planet_batch.data.kaggle import COMPETITION, COMPETITION_FILES, ArchiveError, KaggleError, disk_budget, extract
+from planet_batch.data.layout import find_layout, read_sample_submission
+from planet_batch.data.layout import test_images as ordered_test_images
+
+SECRET = "s3cr3t-kaggle-key-0123456789"
+
+
+def build_competition_archives(demo_root, out):
+    """The five competition files, built from a demo dataset the way Kaggle ships them."""
+    out.mkdir()
+    for csv_name in ("train_v2.csv", "sample_submission_v2.csv"):
+        with zipfile.ZipFile(out / f"{csv_name}.zip", "w") as zf:
+            zf.write(demo_root / csv_name, csv_name)
+    for folder in ("train-jpg", "test-jpg", "test-jpg-additional"):
+        tar_path = out / f"{folder}.tar"
+        with tarfile.open(tar_path, "w") as tf:
+            tf.add(demo_root / folder, arcname=folder)
+        with py7zr.SevenZipFile(out / f"{folder}.tar.7z", "w") as z:
+            z.write(tar_path, f"{folder}.tar")
+        tar_path.unlink()
+    return out
+
+
+class FakeKaggleApi:
+    """Stands where kaggle.api.kaggle_api_extended.KaggleApi stands; serves prepared archives."""
+
+    def __init__(self, archives):
+        self.archives, self.calls = archives, []
+
+    def competition_download_file(self, competition, file_name, path=None, quiet=False, **kw):
+        self.calls.append(("competition_download_file", competition, file_name))
+        shutil.copy(self.archives / file_name, path)
+
+    def dataset_download_files(self, dataset, path=None, quiet=True, unzip=False, **kw):
+        self.calls.append(("dataset_download_files", dataset))
+        shutil.copy(self.archives / "planets-dataset.zip", path)
+
+    def competition_submit(self, file_name, message, competition, quiet=False, **kw):
+        self.calls.append(("competition_submit", file_name, message, competition))
+
+
+@pytest.fixture
+def fake_api(demo_root, tmp_path, monkeypatch):
+    api = FakeKaggleApi(build_competition_archives(demo_root, tmp_path / "kaggle-side"))
+    monkeypatch.setattr(kaggle, "kaggle_api", lambda: api)
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    return api
+
+
+def test_download_extracts_the_competition_layout_and_skips_when_done(fake_api, demo_root, tmp_path, caplog,
+                                                                      capsys):
+    caplog.set_level(logging.DEBUG)
+    dest = tmp_path / "planet"
+    assert main(["-v", "download", "--to", str(dest)]) == 0
+    assert fake_api.calls == [("competition_download_file", COMPETITION, f) for f in COMPETITION_FILES]
+    layout = find_layout(dest, need=("train", "test"))
+    order, paths = ordered_test_images(layout)
+    assert order == read_sample_submission(demo_root / "sample_submission_v2.csv") and len(paths) == 40
+    assert (dest / "train-jpg" / "train_0.jpg").read_bytes() == (demo_root / "train-jpg" / "train_0.jpg").read_bytes()
+    assert not list(dest.glob("*.7z")) and not list(dest.glob(".*.unpack"))
+
+    fake_api.calls.clear()
+    assert main(["download", "--to", str(dest)]) == 0
+    assert fake_api.calls == []  # everything was complete
+    out = capsys.readouterr()
+    assert SECRET not in caplog.text + out.out + out.err
+
+
+def test_dataset_layout_download(fake_api, demo_root, tmp_path):
+    with zipfile.ZipFile(fake_api.archives / "planets-dataset.zip", "w") as zf:
+        zf.write(demo_root / "train_v2.csv", "planet/planet/train_classes.csv")
+        for p in (demo_root / "train-jpg").iterdir():
+            zf.write(p, f"planet/planet/train-jpg/{p.name}")
+        zf.write(demo_root / "test-jpg" / "test_0.jpg", "planet/planet/test-jpg/test_0.jpg")
+    kaggle.download(tmp_path / "ds", dataset="nikitarom/planets-dataset")
+    assert fake_api.calls == [("dataset_download_files", "nikitarom/planets-dataset")]
+    assert find_layout(tmp_path / "ds", need=("train", "test")).kind == "kaggle-dataset"
+
+
+def test_missing_credentials_stop_before_any_download(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "nowhere"))
+    monkeypatch.setattr(kaggle, "kaggle_api", lambda: pytest.fail("the API must not be reached"))
+    assert main(["download", "--to", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert "KAGGLE_USERNAME and KAGGLE_KEY" in err and str(tmp_path / "nowhere" / "kaggle.json") in err
+
+
+def test_world_readable_kaggle_json_warns_with_the_fix(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("KAGGLE_USERNAME", raising=False)
+    monkeypatch.delenv("KAGGLE_KEY", raising=False)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path))
+    cfg = tmp_path / "kaggle.json"
+    cfg.write_text(json.dumps({"username": "someone", "key": SECRET}))
+    cfg.chmod(0o644)
+    with caplog.at_level(logging.WARNING):
+        assert kaggle.check_credentials() == str(cfg)
+    assert f"chmod 600 {cfg}" in caplog.text and SECRET not in caplog.text
+    caplog.clear()
+    cfg.chmod(0o600)
+    kaggle.check_credentials()
+    assert "chmod" not in caplog.text
+
+
+def test_submit_checks_first_then_submits(fake_api, demo_root, tmp_path, capsys):
+    sample = demo_root / "sample_submission_v2.csv"
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image_name,tags\ntest_0,clear\n")
+    assert main(["submit", str(bad), "-m", "try", "--sample", str(sample)]) == 2
+    assert fake_api.calls == []
+    good = tmp_path / "good.csv"
+    shutil.copy(sample, good)
+    assert main(["submit", str(good), "-m", "rn34 stage 2", "--sample", str(sample)]) == 0
+    assert fake_api.calls == [("competition_submit", str(good), "rn34 stage 2", COMPETITION)]
+    out = capsys.readouterr()
+    assert SECRET not in out.out + out.err
+
+
+def _zip_with(tmp_path, name):
+    p = tmp_path / "evil.zip"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(name, b"x")
+    return p
+
+
+def _tar_with(tmp_path, add):
+    p = tmp_path / "evil.tar"
+    with tarfile.open(p, "w") as tf:
+        add(tf)
+    return p
+
+
+def _file(tf, name, data=b"x"):
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def _link(tf, name, target, kind=tarfile.SYMTYPE):
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    tf.addfile(info)
+
+
+def _7z_with(tmp_path, name):
+    p = tmp_path / "evil.tar.7z"
+    src = tmp_path / "payload"
+    src.write_bytes(b"x")
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.write(src, name)
+    return p
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda t: _zip_with(t, "../escaped.txt"),
+        lambda t: _zip_with(t, "/tmp/escaped-abs.txt"),
+        lambda t: _tar_with(t, lambda tf: _file(tf, "../escaped.txt")),
+        lambda t: _tar_with(t, lambda tf: _file(tf, "/tmp/escaped-abs.txt")),
+        lambda t: _tar_with(t, lambda tf: _link(tf, "train-jpg/link", "/etc/passwd")),
+        lambda t: _tar_with(t, lambda tf: _link(tf, "train-jpg/link", "../../outside")),
+        lambda t: _tar_with(t, lambda tf: _link(tf, "hard", "/etc/passwd", tarfile.LNKTYPE)),
+        lambda t: _7z_with(t, "../escaped.txt"),
+    ],
+)
+def test_malicious_archives_are_refused(tmp_path, make):
+    archive = make(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match="refusing"):
+        extract(archive, dest)
+    assert not (tmp_path / "escaped.txt").exists() and not (tmp_path.parent / "escaped.txt").exists()
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+
+
+def test_kaggle_error_for_unknown_archive(tmp_path):
+    with pytest.raises(ArchiveError, match="unknown archive"):
+        extract(tmp_path / "x.rar", tmp_path)
+    assert issubclass(KaggleError, RuntimeError)
+
+
+def _bomb(tmp_path, kind):
+    """64 MiB of zeros that compress to a few KB (a real bomb is the same, with more zeros)."""
+    zeros, n = io.BytesIO(bytes(64 << 20)), 64 << 20
+    if kind == "zip":
+        p = tmp_path / "bomb.zip"
+        with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:
+            zf.writestr("train-jpg/small.jpg", b"x" * 100)
+            zf.writestr("train-jpg/zeros.jpg", zeros.getvalue())
+        return p
+    if kind == "tar.gz":
+        p = tmp_path / "bomb.tar.gz"
+        with tarfile.open(p, "w:gz") as tf:
+            _file(tf, "train-jpg/small.jpg", b"x" * 100)
+            info = tarfile.TarInfo("train-jpg/zeros.jpg")
+            info.size = n
+            tf.addfile(info, zeros)
+        return p
+    p = tmp_path / "bomb.tar.7z"
+    inner = tmp_path / "bomb.tar"
+    with tarfile.open(inner, "w") as tf:
+        info = tarfile.TarInfo("train-jpg/zeros.jpg")
+        info.size = n
+        tf.addfile(info, zeros)
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.write(inner, "bomb.tar")
+    return p
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "tar.7z"])
+def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
+    archive = _bomb(tmp_path, kind)
+    assert archive.stat().st_size < 1 << 20
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match="more than 1,000,000 bytes"):
+        extract(archive, dest, limit=1_000_000)
+    written = sum(p.stat().st_size for p in dest.rglob("*") if p.is_file())
+    assert written <= 1_000_000, written
+    # Within the budget the same archive extracts, and the default budget is the free disk less 1 GiB.
+    extract(archive, dest, limit=200 << 20)
+    assert (dest / "train-jpg" / "zeros.jpg").stat().st_size == 64 << 20
+    assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))

@@ -1,0 +1,213 @@
+"""K-fold training on a real local Ray (2 CPUs): the partition, OOF rows, the ensemble export, side-by-side
+folds, a fold whose worker dies, a rerun, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from reference import plain_probs
+
+from planet_batch.cluster.runtime import CapacityError, fault_file
+from planet_batch.config import ConfigError, ScoreConfig, TrainConfig, load_config, to_dict
+from planet_batch.data.datasets import labelled_split
+from planet_batch.data.labels import TAGS, decode
+from planet_batch.export import load_export, load_model
+from planet_batch.scoring.score import run_scoring
+from planet_batch.training.folds import make_folds, run_folds
+from planet_batch.training.train import TrainError
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = [{"name": "s", "size": 32, "epochs": 2, "frozen": False, "lr": 0.01}]
+# Two 1-worker folds of half a CPU each fit beside Ray Data's decode CPU on 2 cores: two at a time.
+TINY = ["arch=resnet18", "weights=none", "batch_size=8", "workers=1", "cpus_per_worker=0.5", "precision=fp32",
+        f"stages={json.dumps(STAGES)}"]
+
+
+def cfg(*extra):
+    return load_config(TrainConfig, None, [*TINY, *extra])
+
+
+def test_folds_partition_the_labelled_images_the_same_way_for_the_same_seed(demo_root):
+    every = labelled_split(demo_root)
+    folds = make_folds(demo_root, 3, seed=7)
+    held = [n for f in folds for n in f.held_out.names]
+    assert sorted(held) == sorted(every.names)  # every image held out exactly once
+    assert sorted(len(f.held_out) for f in folds) == [26, 27, 27]
+    for f in folds:
+        assert set(f.train.names) == set(every.names) - set(f.held_out.names)
+    again = make_folds(demo_root, 3, seed=7)
+    assert [f.held_out.names for f in again] == [f.held_out.names for f in folds]
+    assert [f.held_out.names for f in make_folds(demo_root, 3, seed=8)] != [f.held_out.names for f in folds]
+
+
+@pytest.fixture(scope="module")
+def folded(ray_local, demo_root, tmp_path_factory):
+    """3 folds, two at a time, one of them losing a worker in its second epoch."""
+    import ray
+    from ray._private import state
+
+    point = "train:s:1:1:0"  # stage s, epoch 1, batch 1, rank 0: the first fold to get there
+    fault_file(ray_local, point).touch()
+    run = tmp_path_factory.mktemp("folds") / "run"
+    export = run_folds(cfg("folds=3", "max_failures=2"), demo_root, run)
+    controllers = [a for a in state.actors().values() if a["ActorClassName"] == "TrainController"]
+    assert ray.is_initialized()
+    return {"run": run, "export": export, "fired": fault_file(ray_local, point, "fired").exists(),
+            "controllers": controllers}
+
+
+def test_each_fold_keeps_a_run_folder_and_two_folds_ran_at_the_same_time(folded):
+    run = folded["run"]
+    for i in range(3):
+        for name in ("metrics.csv", "losses.png", "config.yaml", "export/model.json", "stages/s.pt"):
+            assert (run / f"fold-{i}" / name).exists(), name
+    spans = sorted((a["StartTime"], a["EndTime"]) for a in folded["controllers"])
+    assert len(spans) == 3, spans
+    assert spans[1][0] < spans[0][1], f"the second fold started after the first ended: {spans}"  # Ray's own times
+
+
+def test_a_fold_whose_worker_dies_resumes_from_its_checkpoint(folded):
+    import torch
+
+    assert folded["fired"], "the fault never fired"
+    resumed = [torch.load(p, weights_only=True)["resumed_after"] for p in folded["run"].glob("fold-*/stages/s.pt")]
+    assert sorted(resumed) == [[], [], [0]], resumed  # one fold restarted from its epoch-0 checkpoint
+    for i in range(3):
+        epochs = pd.read_csv(folded["run"] / f"fold-{i}" / "metrics.csv")["epoch"].tolist()
+        assert epochs == [0, 1], (i, epochs)
+
+
+def test_oof_rows_are_what_each_fold_export_predicts_for_its_held_out_images(folded, demo_root):
+    run = folded["run"]
+    oof = pq.read_table(run / "oof.parquet").to_pandas()
+    every = labelled_split(demo_root)
+    assert sorted(oof["image_name"]) == sorted(every.names) and list(oof.columns[2:]) == list(TAGS)
+    for i in range(3):
+        rows = oof[oof["fold"] == i]
+        paths = [demo_root / "train-jpg" / f"{n}.jpg" for n in rows["image_name"]]
+        np.testing.assert_allclose(rows[list(TAGS)].to_numpy(), plain_probs(run / f"fold-{i}" / "export", paths, 32),
+                                   atol=1e-5)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics["fold"]) == ["0", "1", "2", "oof"] and metrics["n_valid"].tolist()[-1] == len(every)
+    assert metrics["fbeta_tuned"].iloc[-1] >= metrics["fbeta"].iloc[-1] - 1e-9
+
+
+def test_the_ensemble_export_scores_the_mean_of_its_folds_with_oof_thresholds(folded, demo_root, tmp_path):
+    ensemble = load_model(folded["export"])
+    assert [str(m.weights.parent) for m in ensemble.members] == [str(folded["run"] / f"fold-{i}" / "export")
+                                                                   for i in range(3)]
+    summary = run_scoring(ScoreConfig(model=str(folded["export"]), data=str(demo_root), out=str(tmp_path / "s.csv"),
+                                      probs_out=str(tmp_path / "p.parquet"), threshold="tuned", precision="fp32"))
+    assert summary.scored == 40
+    probs = pq.read_table(tmp_path / "p.parquet").to_pandas()
+    paths = [demo_root / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg"
+             for n in probs["image_name"]]
+    members = [plain_probs(folded["run"] / f"fold-{i}" / "export", paths, 32) for i in range(3)]
+    np.testing.assert_allclose(probs[list(TAGS)].to_numpy(), np.mean(members, axis=0), atol=1e-5)
+    rows = pd.read_csv(tmp_path / "s.csv", keep_default_na=False)
+    assert list(rows["tags"]) == decode(probs[list(TAGS)].to_numpy(), np.asarray(ensemble.thresholds))
+
+
+def test_a_rerun_keeps_the_finished_folds(folded, demo_root, caplog):
+    """The same command again (here one fold at a time: how it runs, not what it trains) trains nothing."""
+    caplog.set_level("INFO")
+    before = (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns
+    run_folds(cfg("folds=3", "max_failures=2", "parallel_folds=1"), demo_root, folded["run"])
+    assert (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns == before
+    assert sum("finished by an earlier run" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_bad_fold_counts_are_one_line(demo_root):
+    for k in (1, -2):
+        with pytest.raises(ConfigError, match="folds: .*at least 2"):
+            cfg(f"folds={k}")
+    with pytest.raises(TrainError, match="folds: 81 folds of 80 labelled images"):
+        make_folds(demo_root, 81, 0)
+
+
+def test_folds_that_cannot_be_placed_fail_before_any_starts(ray_local, demo_root, tmp_path):
+    with pytest.raises(CapacityError, match="4 workers x 1 CPUs = 4 CPUs asked for, the cluster has 2"):
+        run_folds(cfg("folds=3", "workers=4", "cpus_per_worker=1"), demo_root, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def run_cli(job, *args):
+    return subprocess.run([sys.executable, f"jobs/{job}.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_bad_ensemble_exports_and_fold_counts_fail_with_one_line_from_the_cli(folded, demo_root, tmp_path):
+    import shutil
+
+    run = tmp_path / "copy"
+    shutil.copytree(folded["run"], run, ignore=shutil.ignore_patterns("ray", "stages"))
+    shutil.rmtree(run / "fold-2" / "export")
+    bad = run_cli("score", "--model", run / "export", "--data", demo_root, "--out", tmp_path / "s.csv")
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0, bad.stderr
+    assert f"ensemble export {run / 'export'}: member fold-2/export: " in bad.stderr, bad.stderr
+    assert not (tmp_path / "s.csv").exists()
+
+    shutil.copytree(folded["run"] / "fold-2" / "export", run / "fold-2" / "export")
+    meta = json.loads((run / "fold-2" / "export" / "model.json").read_text())
+    (run / "fold-2" / "export" / "model.json").write_text(json.dumps({**meta, "size": 64}))
+    bad = run_cli("score", "--model", run / "export", "--data", demo_root, "--out", tmp_path / "s.csv")
+    assert bad.returncode == 2 and "member fold-2/export (17 tags, 64px) does not match fold-0/export" in bad.stderr
+
+    bad = run_cli("train", "--config", "jobs/configs/demo.yaml", "--data", demo_root, "--out", tmp_path / "t",
+                  "--folds", "500")
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "planet-batch train: error: folds: 500 folds of 80 labelled images; at most one fold per image"), bad.stderr
+    assert not (tmp_path / "t").exists()
+    assert load_export(folded["run"] / "fold-0" / "export").size == 32
+
+
+def test_an_interrupted_k_fold_run_keeps_its_finished_fold_and_resumes_the_others_mid_stage(demo_root, tmp_path):
+    """3 folds two at a time: one hangs in its second epoch, the other finishes and the third starts; the driver is
+    killed. The same command keeps the finished fold and resumes both others from their checkpoints."""
+    import os
+    import re
+    import signal
+    import time
+
+    from planet_batch.cluster.runtime import FAULT_DIR_ENV
+
+    config, run, faults = tmp_path / "three.yaml", tmp_path / "run", tmp_path / "faults"
+    stages = [{**STAGES[0], "epochs": 3}]
+    config.write_text(json.dumps({**to_dict(cfg()), "stages": stages}))
+    faults.mkdir()
+    fault_file(faults, "train:s:1:0:0", "hang").touch()  # the first fold to reach epoch 1 stops there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
+    argv = [sys.executable, "jobs/train.py", "--config", str(config), "--data", str(demo_root), "--out", str(run),
+            "--folds", "3", "--parallel-folds", "2"]
+    first = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 300
+    # The third fold's second epoch row: its first epoch's checkpoint is registered by then.
+    while not any(re.search(r"fold-2 +1 +\d", ln) for ln in lines):
+        assert first.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+        lines.append(first.stdout.readline())
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(timeout=60)
+    finished = {m[1] for ln in lines if (m := re.search(r"(fold-\d): final: F2", ln))}
+    assert len(finished) == 1, "".join(lines)[-3000:]
+    kept_export = run / finished.pop() / "export" / "model.pt"
+    kept = kept_export.stat().st_mtime_ns
+
+    again = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert out.count("finished by an earlier run, export kept") == 1 and kept_export.stat().st_mtime_ns == kept
+    resumed = dict(re.findall(r"(fold-\d): resuming s at epoch (\d)", out))
+    assert len(resumed) == 2 and "1" in resumed.values(), out[-3000:]  # the hung fold goes on at its epoch 1
+    for i in range(3):
+        assert pd.read_csv(run / f"fold-{i}" / "metrics.csv")["epoch"].tolist() == [0, 1, 2]
+    oof = pq.read_table(run / "oof.parquet").to_pandas()
+    assert sorted(oof["image_name"]) == sorted(labelled_split(demo_root).names)
+    assert len(load_model(run / "export").members) == 3

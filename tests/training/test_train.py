@@ -1,0 +1,350 @@
+"""Training end to end on a real local Ray (2 CPUs): stages, export, local mode, faults, bad input."""
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from reference import plain_probs
+
+from planet_batch.cluster.runtime import FAULT_DIR_ENV, CapacityError, fault_file
+from planet_batch.config import ConfigError, ScoreConfig, TrainConfig, load_config
+from planet_batch.data.datasets import train_valid_split
+from planet_batch.data.demo_data import write_demo_data
+from planet_batch.data.labels import TAGS
+from planet_batch.data.submission import check_submission
+from planet_batch.export import load_export
+from planet_batch.scoring.score import run_scoring
+from planet_batch.training.train import TrainError, run_training, stage_datasets
+
+pytestmark = pytest.mark.ray
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = [
+    "arch=resnet18",
+    "weights=none",
+    "batch_size=16",
+    "workers=2",
+    "cpus_per_worker=0.5",
+]
+
+
+def cfg(stages, *extra):
+    return load_config(TrainConfig, None, [*TINY, f"stages={json.dumps(stages)}", *extra])
+
+
+def metrics_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def learnable_root(tmp_path_factory):
+    return write_demo_data(tmp_path_factory.mktemp("learn") / "data", n_train=300, n_test=4, n_additional=2, seed=2)
+
+
+def test_tiny_run_beats_the_best_constant_prediction(ray_local, learnable_root, tmp_path):
+    """The demo data is learnable: a short run beats the best image-blind prediction by a wide margin."""
+    stages = [{"name": "s", "size": 32, "epochs": 6, "frozen": False, "lr": 0.01}]
+    m = load_export(run_training(cfg(stages, "workers=0"), learnable_root, tmp_path / "run")).metrics
+    assert m["n_valid"] == 60
+    assert m["fbeta"] > m["best_constant_fbeta"] + 0.1, m
+    assert m["fbeta_tuned"] >= m["fbeta"] - 1e-9
+
+
+def test_a_compiled_bf16_run_records_its_mode_and_exports_plain_weights(ray_local, demo_root, tmp_path):
+    """compile: on + precision: bf16 train (a forward and backward compiled before the first batch); the run says
+    how it ran, and the export is weights + JSON that an eager model loads, as from any run."""
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": False, "lr": 0.01}]
+    export = run_training(cfg(stages, "workers=0", "compile=on", "precision=bf16"), demo_root, tmp_path / "run")
+    rows = metrics_rows(tmp_path / "run")
+    assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", "True")]
+    weights = torch.load(export / "model.pt", weights_only=True)
+    assert not [k for k in weights if "_orig_mod" in k]
+    net = load_export(export).build()
+    assert not isinstance(net, torch._dynamo.eval_frame.OptimizedModule)
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
+
+
+def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
+    stages = [
+        {"name": "stage-1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
+        {"name": "stage-2", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]},
+    ]
+    run = tmp_path / "run"
+    sigint = signal.getsignal(signal.SIGINT)
+    export = run_training(cfg(stages), demo_root, run)
+    # Ray Train's fit leaves its Ctrl-C handler behind, which would abort a finished run and exit 0 later
+    assert signal.getsignal(signal.SIGINT) is sigint
+
+    rows = metrics_rows(run)
+    assert [(r["stage"], int(r["epoch"])) for r in rows] == [("stage-1", 0), ("stage-1", 1), ("stage-2", 0)]
+    for name in ("stage-1", "stage-2"):
+        saved = torch.load(run / "stages" / f"{name}.pt", weights_only=True)
+        assert saved["stage"] == name and saved["config"]["arch"] == "resnet18"
+    assert (run / "losses.png").stat().st_size > 5000
+    assert load_config(TrainConfig, run / "config.yaml") == cfg(stages)
+
+    model = load_export(export)
+    assert model.arch == "resnet18" and model.size == 32 and len(model.thresholds) == 17
+    assert model.config["stages"][1]["lr"] == [1e-4, 2e-3]
+    # The validation metrics cover the whole split (16 of 80 images), gathered from both workers.
+    assert model.metrics["n_valid"] == 16
+    assert model.metrics["fbeta"] == pytest.approx(float(rows[-1]["fbeta"]))
+    net = model.build()
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 17)
+
+
+def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_local, lite0_hub, demo_root, tmp_path):
+    """timm/tf_efficientnet_lite0 with its ImageNet weights: the frozen stage starts from them and keeps them, the
+    export carries the body's own normalisation, and scoring that export reproduces the run's last validation."""
+    from planet_batch.data.transforms import Normalization
+    from planet_batch.training.folds import predict
+    from planet_batch.training.metrics import fbeta
+    from planet_batch.weights import timm_model
+
+    lite0 = "timm/tf_efficientnet_lite0"
+    stages = [{"name": "frozen", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01},
+              {"name": "unfrozen", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]}]
+    run = tmp_path / "run"
+    export = load_export(run_training(cfg(stages, f"arch={lite0}", "weights=imagenet", "precision=fp32"), demo_root,
+                                      run))
+    assert export.arch == lite0 and export.normalization == Normalization((0.5,) * 3, (0.5,) * 3)
+    imagenet = timm_model("tf_efficientnet_lite0", "imagenet").state_dict()
+    frozen = torch.load(run / "stages" / "frozen.pt", weights_only=True)["model"]
+    assert torch.equal(frozen["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])  # frozen: unchanged
+    assert not torch.equal(export.load_state()["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])
+    _, valid = train_valid_split(demo_root, 0.2, 42)
+    assert fbeta(predict(export, valid, "fp32"), valid.targets, 0.2) == pytest.approx(export.metrics["fbeta"])
+    # Scored as any export: with TTA, in bf16, through Ray Data, within the stated bf16 bound of the fp32 loop.
+    run_scoring(ScoreConfig(model=str(run / "export"), data=str(demo_root), out=str(tmp_path / "s.csv"),
+                            probs_out=str(tmp_path / "p.parquet"), tta=True, precision="bf16", batch_size=8))
+    probs = pq.read_table(tmp_path / "p.parquet").to_pandas()
+    paths = [demo_root / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg"
+             for n in probs["image_name"]]
+    expected = plain_probs(run / "export", paths, 32, tta=True)
+    assert 0 < np.abs(probs[list(TAGS)].to_numpy() - expected).max() < 0.02
+
+
+def test_validation_is_decoded_once_per_size_and_sliced_across_workers(ray_local, demo_root):
+    from ray.data.dataset import MaterializedDataset
+
+    train, valid = train_valid_split(demo_root, 0.2, 42)
+    datasets = stage_datasets(train, valid, [32, 48, 32], world=3)  # one set per size, not per stage
+    assert sorted(datasets) == ["train_32", "train_48", *[f"valid_{s}_{r}" for s in (32, 48) for r in range(3)]]
+    assert not isinstance(datasets["train_32"], MaterializedDataset)  # fresh augmentations every epoch
+    assert next(iter(datasets["valid_48_0"].iter_rows()))["image"].shape == (48, 48, 3)
+    slices = [datasets[f"valid_32_{r}"] for r in range(3)]
+    assert all(isinstance(d, MaterializedDataset) for d in slices)
+    rows = [row for d in slices for row in d.iter_rows()]
+    assert len(rows) == len(valid) and rows[0]["image"].shape == (32, 32, 3)
+    assert sorted(r["target"].tobytes() for r in rows) == sorted(t.tobytes() for t in valid.targets)
+
+
+def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, demo_root, tmp_path):
+    stages = [{"name": "only", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    first = tmp_path / "first"
+    run_training(cfg(stages, "workers=0"), demo_root, first)
+    assert len(metrics_rows(first)) == 1
+    again = [{**stages[0], "name": "again", "start_from": str(first / "stages" / "only.pt")}]
+    run_training(cfg(again, "workers=0"), demo_root, tmp_path / "second")
+    assert [r["stage"] for r in metrics_rows(tmp_path / "second")] == ["again"]
+
+
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, tmp_path):
+    stages = [{"name": "faulty", "size": 32, "epochs": 4, "frozen": True, "lr": 0.01}]
+    point = "train:faulty:2:1:1"  # stage faulty, epoch 2, batch 1, rank 1
+    fault_file(ray_local, point).touch()
+    run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run")
+    assert fault_file(ray_local, point, "fired").exists(), "the fault never fired"
+    # Exactly the planned epochs, none repeated: the retry loaded a checkpoint, it did not start over.
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "run")] == [0, 1, 2, 3]
+    state = torch.load(tmp_path / "run" / "stages" / "faulty.pt", weights_only=True)
+    assert state["metrics"]["epoch"] == 3
+    # Epoch 1's checkpoint: every worker waits until Ray has registered its epoch's report (train.save_and_report).
+    assert state["resumed_after"] == [1]
+
+
+@pytest.mark.parametrize(
+    "overrides, error, match",
+    [
+        (["workers=4", "cpus_per_worker=1"], CapacityError, "4 workers x 1 CPUs"),
+        (["workers=2", "cpus_per_worker=1"], CapacityError, "for Ray Data"),
+        (["batch_size=64"], TrainError, "larger than the"),
+        (["stages.0.start_from=/nope/stage.pt"], TrainError, "does not exist"),
+    ],
+)
+def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrides, error, match):
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    with pytest.raises(error, match=match):
+        run_training(cfg(stages, *overrides), demo_root, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
+def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tmp_path):
+    import planet_batch.training.train as train
+
+    def stop_before_training(*a, **k):
+        raise RuntimeError("reached Ray Train")
+
+    monkeypatch.setattr(train, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train, "check_capacity", lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
+    monkeypatch.setattr(train, "fit_run", stop_before_training)
+    monkeypatch.setattr(train, "quiet_data_progress", lambda: None)
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    with pytest.raises(RuntimeError, match="reached Ray Train"):
+        run_training(cfg(stages, "autoscale=true", "workers=4", "gpu=true"), demo_root, tmp_path / "run")
+
+
+def test_unknown_arch_and_bad_stage_reference_are_config_errors():
+    with pytest.raises(ConfigError, match="arch"):
+        cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}], "arch=vgg16")
+    with pytest.raises(ConfigError, match="start_from"):
+        cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01, "start_from": "s0"}])
+
+
+def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path):
+    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check.
+
+    With Kaggle credentials in the environment and in kaggle.json, as on a user's machine: the key
+    must not reach the output, the run folder (config, checkpoints, export) or Ray's session logs.
+    """
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    secret = "kaggle-key-" + os.urandom(8).hex()
+    kaggle_dir = tmp_path / "kaggle"
+    kaggle_dir.mkdir()
+    (kaggle_dir / "kaggle.json").write_text(json.dumps({"username": "someone", "key": secret}))
+    (kaggle_dir / "kaggle.json").chmod(0o600)
+    ray_tmp = tempfile.mkdtemp(prefix="pb-l3-", dir="/tmp")  # short: Ray's socket paths must fit 108 bytes
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env |= {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": secret, "KAGGLE_CONFIG_DIR": str(kaggle_dir),
+            "RAY_TMPDIR": ray_tmp}
+    stages = "[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "jobs/lesson3.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root),
+             "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16"],
+            cwd=root, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"submission: {tmp_path / 'l3' / 'submission.csv'}" in proc.stdout
+        assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
+        assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
+
+        assert secret not in proc.stdout + proc.stderr
+        scanned = [p for d in (tmp_path / "l3", Path(ray_tmp)) for p in d.rglob("*") if p.is_file()]
+        assert any(p.suffix == ".pt" for p in scanned) and any(p.suffix == ".log" for p in scanned)
+        leaked = [p for p in scanned if secret.encode() in p.read_bytes()]
+        assert leaked == [], f"the Kaggle key is in {leaked}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_local, learnable_root, tmp_path):
+    stages = [{"name": "twice", "size": 32, "epochs": 5, "frozen": False, "lr": 0.01}]
+    calm = load_export(run_training(cfg(stages), learnable_root, tmp_path / "calm")).metrics
+    points = ["train:twice:2:1:1", "train:twice:4:1:0"]  # rank 1 in epoch 2, then rank 0 in epoch 4
+    for p in points:
+        fault_file(ray_local, p).touch()
+    hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
+    assert all(fault_file(ray_local, p, "fired").exists() for p in points)
+    state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
+    # Each restart resumed from the checkpoint of the epoch before its fault, never from an older one.
+    assert state["resumed_after"] == [1, 3]
+    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "hit")] == [0, 1, 2, 3, 4]
+    # Same seed, same data; only shuffling and augmentation draws differ between the two runs.
+    assert abs(hit["fbeta"] - calm["fbeta"]) < 0.1 and abs(hit["valid_loss"] - calm["valid_loss"]) < 0.1, (calm, hit)
+
+
+# ----------------------------------------------------------------------------------------------
+# One Ray Train run per job: a killed or stopped driver, the same command again
+
+
+TWO_STAGES = {"arch": "resnet18", "weights": "none", "batch_size": 16, "workers": 1, "cpus_per_worker": 0.5,
+              "precision": "fp32", "stages": [{"name": "s1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
+                                              {"name": "s2", "size": 48, "epochs": 3, "frozen": False,
+                                               "lr": [1e-4, 2e-3]}]}
+ROW = re.compile(r"planet_batch\.training\.train: (?:fold-\d +)?(\d+) +\d\.\d+ ")  # an epoch row of the table
+
+
+def train_cli(config: Path, data: Path, run: Path, faults: Path, *extra: str) -> subprocess.Popen:
+    """`python jobs/train.py` as a user runs it, in its own process group with its own local Ray."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
+    return subprocess.Popen([sys.executable, "jobs/train.py", "--config", str(config), "--data", str(data),
+                             "--out", str(run), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"{path.name} never appeared"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_killed_driver_resumes_mid_stage_and_runs_each_epoch_once(demo_root, tmp_path, sig):
+    """The driver's process group SIGKILLed (or SIGTERMed) in the second epoch of the second stage: the same
+    command goes on from the checkpoint of the epoch before, prints only the epochs it still had to run, and
+    metrics.csv and losses.png hold every (stage, epoch) once."""
+    config, run, faults = tmp_path / "two.yaml", tmp_path / "run", tmp_path / "faults"
+    config.write_text(json.dumps(TWO_STAGES))
+    faults.mkdir()
+    fault_file(faults, "train:s2:1:1:0", "hang").touch()  # stage s2, epoch 1, batch 1, rank 0
+    first = train_cli(config, demo_root, run, faults)
+    wait_for(fault_file(faults, "train:s2:1:1:0", "hanging"), first)
+    os.killpg(first.pid, sig) if sig == signal.SIGKILL else first.send_signal(sig)  # a kill takes the group
+    out = first.communicate(timeout=60)[0]
+    assert first.returncode == -sig if sig == signal.SIGKILL else first.returncode == 128 + sig, out[-3000:]
+    assert "export" not in out and not (run / "export").exists()
+
+    again = train_cli(config, demo_root, run, faults)
+    out = again.communicate(timeout=400)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in out
+    assert "stage s1:" not in out and [int(m[1]) for m in ROW.finditer(out)] == [1, 2]  # only what was left
+    assert [(r["stage"], int(r["epoch"])) for r in metrics_rows(run)] == [
+        ("s1", 0), ("s1", 1), ("s2", 0), ("s2", 1), ("s2", 2)]
+    for name, epochs in (("s1", 1), ("s2", 2)):
+        saved = torch.load(run / "stages" / f"{name}.pt", weights_only=True)
+        assert saved["metrics"]["epoch"] == epochs and saved["size"] == {"s1": 32, "s2": 48}[name]
+    assert torch.load(run / "stages" / "s2.pt", weights_only=True)["resumed_after"] == [0]
+    assert load_export(run / "export").metrics["n_valid"] == 16 and (run / "losses.png").stat().st_size > 5000
+
+
+def test_another_config_on_a_run_folder_is_refused_and_overwrite_starts_over(demo_root, tmp_path):
+    config, run, faults = tmp_path / "two.yaml", tmp_path / "run", tmp_path / "faults"
+    faults.mkdir()
+    short = {**TWO_STAGES, "stages": [{**TWO_STAGES["stages"][0], "epochs": 1}]}
+    config.write_text(json.dumps(short))
+    assert train_cli(config, demo_root, run, faults).wait(timeout=400) == 0
+    first_export = (run / "export" / "model.pt").read_bytes()
+
+    changed = train_cli(config, demo_root, run, faults, "--set", "stages.0.epochs=2")
+    out = changed.communicate(timeout=120)[0].strip().splitlines()
+    assert changed.returncode == 2 and out == [
+        f"planet-batch train: error: run folder {run} holds a run of another config (stages[0].epochs: 1 -> 2): "
+        "the same config resumes it, --overwrite starts over"], out
+    assert (run / "export" / "model.pt").read_bytes() == first_export  # nothing touched
+
+    over = train_cli(config, demo_root, run, faults, "--set", "stages.0.epochs=2", "--overwrite")
+    out = over.communicate(timeout=400)[0]
+    assert over.returncode == 0, out[-3000:]
+    assert "resuming" not in out and [int(m[1]) for m in ROW.finditer(out)] == [0, 1]
+    assert [(r["stage"], int(r["epoch"])) for r in metrics_rows(run)] == [("s1", 0), ("s1", 1)]
