@@ -141,7 +141,7 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
         errors = [f.exception() for f in futures]
     except KeyboardInterrupt:
         # Not the executor's `with`, whose exit waits for the running folds: they wait inside Ray Train's fit,
-        # which only a main-thread handler can abort, so Ctrl-C used to wait for every fold to finish. The folds
+        # which only a main-thread handler can abort, so Ctrl-C would wait for every fold to finish. The folds
         # not started are dropped; the CLI ends the driver at once, and the running folds' runs with it.
         pool.shutdown(wait=False, cancel_futures=True)
         raise
