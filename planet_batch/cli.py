@@ -30,8 +30,9 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, only: Sequence[str] =
         extra = info.json_schema_extra or {}
         if not extra.get("group") or (only and name not in only) or name in skip:
             continue
-        group = groups.get(extra["group"]) or groups.setdefault(
-            extra["group"], parser.add_argument_group(f"{extra['group']} ({cls.__name__})"))
+        if extra["group"] not in groups:
+            groups[extra["group"]] = parser.add_argument_group(f"{extra['group']} ({cls.__name__})")
+        group = groups[extra["group"]]
         flag, tp, choices = extra.get("flag", "--" + name.replace("_", "-")), *flag_type(info.annotation)
         if tp is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,

@@ -79,7 +79,7 @@ def describe(error: pydantic.ValidationError, cls: type) -> str:
     """The first failing field as `stages[0].size: <what is wrong>, got 0`."""
     by_path: dict[str, list[dict]] = {}
     for e in error.errors():
-        by_path.setdefault(_path(cls, e["loc"]), []).append(e)
+        by_path.setdefault(_walk(cls, e["loc"])[0], []).append(e)
     path, errors = next(iter(by_path.items()))
     # A union (`lr: float | [lo, hi]`) reports each alternative: a value of the right type that is out of
     # range says more than "not a list".
@@ -88,7 +88,7 @@ def describe(error: pydantic.ValidationError, cls: type) -> str:
     if e["type"] == "value_error":
         return f"{path + ': ' if path else ''}{e['ctx']['error']}"
     if e["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-        known = [f.name for f in dataclasses.fields(_owner(cls, e["loc"]))]
+        known = [f.name for f in dataclasses.fields(_walk(cls, e["loc"])[1])]
         return f"{path}{'.' if path else ''}{e['loc'][-1]}: unknown field; known: {', '.join(known)}"
     if e["type"] == "missing":
         return f"{path}: required field is missing"
@@ -96,8 +96,9 @@ def describe(error: pydantic.ValidationError, cls: type) -> str:
     return f"{path}: {what}, got {e['input']!r}"
 
 
-def _path(cls: type, loc: tuple) -> str:
-    """pydantic's loc as a field path; the names of union alternatives (`float`, `tuple[...]`) dropped."""
+def _walk(cls: type, loc: tuple) -> tuple[str, type | None]:
+    """pydantic's loc as a field path (the names of union alternatives, `float`, `tuple[...]`, dropped), and the
+    config class the walk ends in: the one holding a last part that is no field (an unknown one)."""
     path, owner = "", cls
     for part in loc:
         if isinstance(part, int):
@@ -105,16 +106,7 @@ def _path(cls: type, loc: tuple) -> str:
         elif owner is not None and part in {f.name for f in dataclasses.fields(owner)}:
             path += f".{part}" if path else part
             owner = _dataclass_in(typing.get_type_hints(owner)[part])
-    return path
-
-
-def _owner(cls: type, loc: tuple) -> type:
-    """The config class that holds the field at `loc`."""
-    owner = cls
-    for part in loc[:-1]:
-        if isinstance(part, str) and part in {f.name for f in dataclasses.fields(owner)}:
-            owner = _dataclass_in(typing.get_type_hints(owner)[part]) or owner
-    return owner
+    return path, owner
 
 
 def _dataclass_in(tp) -> type | None:
