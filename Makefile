@@ -17,12 +17,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	test -f $(DEMO)/data/train_v2.csv || $(BIN)/planet-batch demo-data $(DEMO)/data
 	$(BIN)/planet-batch import-weights
-	$(BIN)/planet-batch show-batch --data $(DEMO)/data --out $(DEMO)/batch.png
+	$(BIN)/planet-batch show-batch --data $(DEMO)/data --out $(DEMO)/run/batch.png  # (the run's MLflow artifacts take it)
 	$(BIN)/python jobs/train.py --config jobs/configs/demo.yaml --data $(DEMO)/data --out $(DEMO)/run
 	$(BIN)/python jobs/score.py --model $(DEMO)/run/export --data $(DEMO)/data --out $(DEMO)/submission.csv \
 		--probs-out $(DEMO)/probs.parquet --overwrite
 	$(BIN)/planet-batch check-submission $(DEMO)/submission.csv --sample $(DEMO)/data/sample_submission_v2.csv
-	@echo "demo outputs in $(DEMO)/: batch.png, run/ (metrics.csv, losses.png, export/), submission.csv"
+	@echo "demo outputs in $(DEMO)/: run/ (batch.png, metrics.csv, losses.png, export/), submission.csv"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

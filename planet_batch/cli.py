@@ -12,7 +12,7 @@ import typing
 from collections.abc import Sequence
 
 from planet_batch.cluster.runtime import setup_logging, stopped_by
-from planet_batch.config import ScoreConfig, TrainConfig, load_config
+from planet_batch.config import ScoreConfig, TrackingConfig, TrainConfig, load_config
 from planet_batch.errors import PlanetBatchError
 
 
@@ -102,11 +102,18 @@ def train_config(args) -> TrainConfig:
     return config_from_args(TrainConfig, args)
 
 
+def tracker(args):
+    """The MLflow server of --tracking or $MLFLOW_TRACKING_URI, checked before any work (None: no tracking)."""
+    from planet_batch.tracking import connect
+
+    return connect(TrackingConfig(**config_flag_values(TrackingConfig, args)))
+
+
 def cmd_train(args) -> None:
     from planet_batch.training.folds import train
 
     cfg = train_config(args)
-    export = train(cfg, args.data, args.out)
+    export = train(cfg, args.data, args.out, tracker(args))
     print(f"run folder: {args.out}\nmetrics: {args.out}/metrics.csv\n"
           + (f"out-of-fold predictions: {args.out}/oof.parquet\n" if cfg.folds else "") + f"export: {export}")
 
@@ -122,7 +129,7 @@ def cmd_score(args) -> None:
     from planet_batch.cluster.storage import locate
     from planet_batch.scoring.score import run_scoring
 
-    summary = run_scoring(config_from_args(ScoreConfig, args))
+    summary = run_scoring(config_from_args(ScoreConfig, args), tracker(args))
     print(f"submission: {summary.output}\nsummary: {locate(summary.output).with_name('score_summary.json')}")
     if summary.bad_images:
         print(f"unreadable images: {summary.unreadable}, listed in {summary.bad_images}")
@@ -134,7 +141,7 @@ def cmd_lesson3(args) -> None:
     from planet_batch.lesson3 import run_lesson3
 
     result = run_lesson3(train_config(args), args.data, args.out, args.message if args.submit else None,
-                         **config_flag_values(ScoreConfig, args))
+                         tracker(args), **config_flag_values(ScoreConfig, args))
     print(f"export: {result.export}\nsubmission: {result.submission.output}" +
           ("\nsubmitted to Kaggle" if result.submitted else ""))
 
@@ -222,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("train", help="train the config's stages with Ray Train and export the model")
     add_train_options(s)
     s.add_argument("--out", required=True, help="run folder (metrics.csv, losses.png, stages/, export/)")
+    add_config_flags(s, TrackingConfig, skip=("log_submission",))
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("lr-find", help="LR range test for the config's first stage")
@@ -233,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score test images with Ray Data into a Kaggle submission")
     add_config_options(s, "score config YAML (flags override it)")
     add_config_flags(s, ScoreConfig)
+    add_config_flags(s, TrackingConfig, skip=("log_model",))
     s.set_defaults(func=cmd_score)
 
     s = sub.add_parser("lesson3", help="the whole notebook: train, export, score the test set, check, submit")
@@ -242,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run folder; submission.csv and probs.parquet go there too")
     s.add_argument("--submit", action="store_true", help="submit submission.csv to the competition")
     s.add_argument("-m", "--message", default="planet-batch lesson3")
+    add_config_flags(s, TrackingConfig)
     s.set_defaults(func=cmd_lesson3)
 
     s = sub.add_parser("check-submission", help="check a submission CSV; exit 1 with the reasons")

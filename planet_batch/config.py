@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import os
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -289,6 +290,25 @@ class ScoreConfig:
         if (self.data is None) == (self.images is None):
             raise ValueError("data / images: give exactly one of --data (Kaggle layout) or --images (a folder)")
         return self
+
+
+TRACKING = "tracking"
+
+
+@config_model
+class TrackingConfig:
+    """Where a job's MLflow runs go (planet_batch.tracking): flags only, never saved with a run, since a
+    tracking URI may carry credentials."""
+
+    tracking: Str | None = flag(None, group=TRACKING, help="MLflow tracking URI (default $MLFLOW_TRACKING_URI; "
+                                "neither: no tracking); credentials come from MLflow's environment variables")
+    experiment: Str = flag("planet-batch", group=TRACKING, help="MLflow experiment the runs go to", min_length=1)
+    log_model: Bool = flag(False, group=TRACKING, help="also log the export's weights (model.pt) as an artifact")
+    log_submission: Bool = flag(False, group=TRACKING, help="also log the submission CSV as an artifact")
+
+    @property
+    def uri(self) -> str | None:
+        return self.tracking or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def from_dict(cls: type[T], data: Any) -> T:

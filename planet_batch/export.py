@@ -52,6 +52,7 @@ class ExportMeta:
     dropout: Float = 0.5
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    tracking_run: Str | None = None  # the MLflow run that trained it (planet_batch.tracking)
 
 
 @pydantic.dataclasses.dataclass(frozen=True)
@@ -65,6 +66,7 @@ class EnsembleMeta:
     thresholds: tuple[Probability, ...]
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
+    tracking_run: Str | None = None  # the K-fold run's parent MLflow run
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,7 @@ class ExportedModel:
     config: dict
     metrics: dict
     weights: Location
+    tracking_run: str | None = None
 
     def load_state(self, data: bytes | None = None) -> dict:
         """The weights as tensors (`weights_only`: an export never unpickles objects), from a path or a URI;
@@ -112,11 +115,12 @@ def save_export(
     dropout: float,
     config: dict,
     metrics: dict,
+    tracking_run: str | None = None,
 ) -> Path:
     out = Path(out_dir)
     write_atomic(out / "model.pt", lambda p: torch.save(model_state, p))
     meta = ExportMeta(EXPORT_FORMAT, EXPORT_VERSION, arch, tuple(tags), size, normalization, threshold,
-                      tuple(round(float(t), 4) for t in thresholds), dropout, config, metrics)
+                      tuple(round(float(t), 4) for t in thresholds), dropout, config, metrics, tracking_run)
     _write_meta(out, meta)
     return out
 
@@ -136,15 +140,17 @@ class EnsembleExport:
     thresholds: tuple[float, ...]
     config: dict
     metrics: dict
+    tracking_run: str | None = None
 
 
 def save_ensemble(out_dir: Path | str, members: list[str], *, threshold: float, thresholds: np.ndarray, config: dict,
-                  metrics: dict) -> Path:
+                  metrics: dict, tracking_run: str | None = None) -> Path:
     """`members`: the member exports' folders relative to the folder that holds `out_dir` (RUN/), so a run
     folder can be moved or copied to a bucket whole. No weights of its own: the members' are the model."""
     out = Path(out_dir)
     _write_meta(out, EnsembleMeta(ENSEMBLE_FORMAT, EXPORT_VERSION, tuple(members), threshold,
-                                  tuple(round(float(t), 4) for t in thresholds), config, metrics))
+                                  tuple(round(float(t), 4) for t in thresholds), config, metrics,
+                                  tracking_run))
     return out
 
 
@@ -193,7 +199,7 @@ def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
     if len(ensemble.thresholds) != len(members[0].tags):
         raise ExportError(f"{meta_path}: {len(ensemble.thresholds)} thresholds for {len(members[0].tags)} tags")
     return EnsembleExport(path, tuple(members), ensemble.threshold, ensemble.thresholds, ensemble.config,
-                          ensemble.metrics)
+                          ensemble.metrics, ensemble.tracking_run)
 
 
 def _validate(cls, meta: dict, meta_path: Location):
@@ -229,4 +235,4 @@ def load_export(path: Path | str | Location) -> ExportedModel:
         raise ExportError(f"{meta_path}: {len(m.thresholds)} thresholds for {len(m.tags)} tags")
     return ExportedModel(arch=m.arch, tags=m.tags, size=m.size, normalization=m.normalize, threshold=m.threshold,
                          thresholds=m.thresholds, dropout=m.dropout, config=m.config, metrics=m.metrics,
-                         weights=weights)
+                         weights=weights, tracking_run=m.tracking_run)

@@ -11,6 +11,7 @@ from planet_batch.config import ScoreConfig, TrainConfig
 from planet_batch.data.submission import check_submission
 from planet_batch.errors import PlanetBatchError
 from planet_batch.scoring.score import ScoreSummary, run_scoring
+from planet_batch.tracking import Tracker
 from planet_batch.training.folds import train
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,11 @@ class Lesson3Result:
 
 
 def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
-                submit_message: str | None = None, **score_fields) -> Lesson3Result:
+                submit_message: str | None = None, tracker: Tracker | None = None, **score_fields) -> Lesson3Result:
     """Train -> export -> score test-jpg + test-jpg-additional -> check -> (optionally) submit to Kaggle.
 
-    `score_fields`: ScoreConfig fields for the scoring (threshold, tta); checked before training starts."""
+    `score_fields`: ScoreConfig fields for the scoring (threshold, tta); checked before training starts.
+    `tracker`: the training run and the scoring run in MLflow."""
     from planet_batch.data.kaggle import submit
     from planet_batch.data.layout import find_layout
 
@@ -40,8 +42,8 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
                             overwrite=True, data_shared=train_cfg.data_shared,
                             probs_out=str(run_dir / "probs.parquet"), **score_fields)
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
-    export = train(train_cfg, data_root, run_dir)  # one model, or with folds: K the fold ensemble
-    summary = run_scoring(dataclasses.replace(score_cfg, model=(str(export),)))
+    export = train(train_cfg, data_root, run_dir, tracker)  # one model, or with folds: K the fold ensemble
+    summary = run_scoring(dataclasses.replace(score_cfg, model=(str(export),)), tracker)
     problems = check_submission(summary.output, layout.sample_submission)
     if problems:
         raise SubmissionError(f"{summary.output} failed its check: {'; '.join(problems)}")

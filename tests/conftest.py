@@ -69,3 +69,23 @@ def ray_local(tmp_path_factory):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield fault_dir
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real MLflow tracking server for the session (~20 s to start); tests tell their runs apart by run
+    folder or experiment."""
+    from mlflow_servers import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tracker(mlflow_server, request):
+    """Tracking into the session's server, in an experiment of this test's own (its name)."""
+    from planet_batch.config import TrackingConfig
+    from planet_batch.tracking import connect
+
+    return connect(TrackingConfig(tracking=mlflow_server.uri, experiment=request.node.name))

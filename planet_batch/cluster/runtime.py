@@ -238,14 +238,15 @@ def maybe_inject_fault(point: str) -> None:
     """Test-only: SIGKILL this process, or hang it, when a test has armed `point`.
 
     Tests set PLANET_BATCH_FAULT_DIR before Ray starts (so every worker inherits it) and
-    arm a point by creating POINT.arm (a kill) or POINT.hang (this process stops there, until it is killed)
-    there; the first process to reach it renames the file to POINT.fired or POINT.hanging (atomic, so exactly
-    one is hit), and the retry or rerun passes. Outside tests the variable is unset and this is one lookup.
+    arm a point by creating POINT.arm (a kill), POINT.hang (this process stops there, until it is killed) or
+    POINT.pause (it waits there until the test deletes POINT.paused); the first process to reach it renames
+    the file to POINT.fired, POINT.hanging or POINT.paused (atomic, so exactly one is hit), and the retry or
+    rerun passes. Outside tests the variable is unset and this is one lookup.
     """
     fault_dir = os.environ.get(FAULT_DIR_ENV)
     if not fault_dir:
         return
-    for armed, hit in (("arm", "fired"), ("hang", "hanging")):
+    for armed, hit in (("arm", "fired"), ("hang", "hanging"), ("pause", "paused")):
         try:
             os.rename(fault_file(fault_dir, point, armed), fault_file(fault_dir, point, hit))
         except FileNotFoundError:
@@ -253,6 +254,6 @@ def maybe_inject_fault(point: str) -> None:
         if armed == "arm":
             log.warning("fault injection: killing pid %d at %s", os.getpid(), point)
             os.kill(os.getpid(), signal.SIGKILL)
-        log.warning("fault injection: pid %d hangs at %s", os.getpid(), point)
-        while True:
-            time.sleep(3600)
+        log.warning("fault injection: pid %d %s at %s", os.getpid(), "hangs" if armed == "hang" else "pauses", point)
+        while armed == "hang" or fault_file(fault_dir, point, hit).exists():
+            time.sleep(0.2)

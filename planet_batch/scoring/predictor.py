@@ -27,6 +27,7 @@ class Ensemble:
 
     members: tuple[ExportedModel, ...]
     tuned: tuple[tuple[float, ...], ...]  # each --model's tuned thresholds (a fold ensemble's: out-of-fold)
+    runs: tuple[str | None, ...] = ()  # each --model's MLflow training run (a fold ensemble's: the parent)
 
     @property
     def tags(self) -> tuple[str, ...]:
@@ -59,7 +60,7 @@ def load_ensemble(paths: Sequence[str]) -> Ensemble:
                              "the same tags")
         raise ScoreError(f"--model {path} takes {m.size}px images, --model {paths[0]} {members[0].size}px: an "
                          "ensemble decodes each image once, at one size")
-    return Ensemble(members, tuple(x.thresholds for x in loaded))
+    return Ensemble(members, tuple(x.thresholds for x in loaded), tuple(x.tracking_run for x in loaded))
 
 
 def fingerprint(weights: bytes) -> str:

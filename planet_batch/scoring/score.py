@@ -32,6 +32,7 @@ from planet_batch.scoring import ScoreError
 from planet_batch.scoring.assemble import Assembled, AssemblyError, assemble
 from planet_batch.scoring.predictor import Ensemble, Predictor, actor_mode, fingerprint, load_ensemble, predictor_memory
 from planet_batch.scoring.shards import WorkFolder
+from planet_batch.tracking import Run, Tracker, finish_on_error, flat_params
 
 log = logging.getLogger(__name__)
 
@@ -279,16 +280,30 @@ def chunks(items: Sequence, n: int = 65_536) -> Iterator[Sequence]:
     return (items[i:i + n] for i in range(0, len(items), n))
 
 
-def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
+def run_scoring(cfg: ScoreConfig, tracker: Tracker | None = None) -> ScoreSummary:
     """Score the images of `cfg` into a submission: every check first, then Ray writes shards (only for
-    images without a row from an earlier run), then the outputs are assembled from the shards."""
+    images without a row from an earlier run), then the outputs are assembled from the shards. `tracker`: the
+    run and its summary in MLflow, tagged with the training runs of the models."""
     t0 = time.perf_counter()
     ensemble = load_ensemble(cfg.model)
     inputs = expected_images(cfg)
     out = check_output(cfg)
-    threshold = ensemble.thresholds if cfg.threshold == "tuned" else float(cfg.threshold)
     weights = [m.weights.read_bytes() for m in ensemble.members]  # read once: fingerprint and state
     work = open_work_folder(cfg, out, ensemble, weights, inputs)
+    run = open_score_run(tracker, cfg, ensemble, out)
+    try:
+        summary = score(cfg, ensemble, weights, inputs, work, out, t0)
+    except BaseException as e:
+        finish_on_error(run, e)
+        raise
+    finish_score_run(run, summary, cfg, out, tracker is not None and tracker.options.log_submission)
+    return summary
+
+
+def score(cfg: ScoreConfig, ensemble: Ensemble, weights: list[bytes], inputs: Inputs, work: WorkFolder,
+          out: Location, t0: float) -> ScoreSummary:
+    """The images still without a row through Ray into shards, then the outputs and their summary."""
+    threshold = ensemble.thresholds if cfg.threshold == "tuned" else float(cfg.threshold)
     done = work.recover()
     todo = [f for f in inputs.files if f.path not in done]
     resumed = len(inputs.files) - len(todo)
@@ -331,3 +346,30 @@ def run_scoring(cfg: ScoreConfig) -> ScoreSummary:
     log.info("scored %d images (%d unreadable, %d resumed) in %.1f s, %.1f images/s -> %s",
              summary.images, summary.unreadable, resumed, wall, summary.images_per_s, out)
     return summary
+
+
+def open_score_run(tracker: Tracker | None, cfg: ScoreConfig, ensemble: Ensemble, out: Location) -> Run | None:
+    if tracker is None:
+        return None
+    runs = ",".join(r for r in ensemble.runs if r)
+    return tracker.open(f"score {out.name}", params=flat_params(to_dict(cfg)),
+                        tags={"planet_batch.job": "score", "planet_batch.models": str(ensemble)}
+                        | ({"planet_batch.training_runs": runs} if runs else {}))
+
+
+def finish_score_run(run: Run | None, summary: ScoreSummary, cfg: ScoreConfig, out: Location,
+                     log_submission: bool) -> None:
+    """The summary as metrics (and score_summary.json), the submission on request."""
+    if run is None:
+        return
+    run.log_metrics({k: getattr(summary, k) for k in ("images", "scored", "unreadable", "wall_s", "images_per_s",
+                                                      "resumed_images", "scored_images")}
+                    | ({"threshold": float(cfg.threshold)} if cfg.threshold != "tuned" else {})
+                    | ({"compiled": int(summary.compiled)} if summary.compiled is not None else {}))
+    run.set_tags({"precision": summary.precision or "none", "threshold": cfg.threshold, "tta": cfg.tta})
+    with tempfile.TemporaryDirectory() as d:  # the outputs may be on a bucket
+        files = [out.with_name("score_summary.json"), *([out] if log_submission else [])]
+        for f in files:
+            (Path(d) / f.name).write_bytes(f.read_bytes())
+        run.log_artifacts(Path(d) / f.name for f in files)
+    run.finish()

@@ -26,12 +26,13 @@ from planet_batch.data.labels import TAGS
 from planet_batch.data.layout import fold_indices
 from planet_batch.data.transforms import to_model_input
 from planet_batch.errors import PlanetBatchError
-from planet_batch.export import ExportedModel, ExportError, load_export, save_ensemble
+from planet_batch.export import ExportedModel, ExportError, load_export, load_model, save_ensemble
 from planet_batch.model import inference, resolve_precision
+from planet_batch.tracking import RUN_FILE, Run, Tracker, finish_on_error
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import fbeta, tune_thresholds
 from planet_batch.training.run_folder import claim_run_folder, same_run, write_metrics
-from planet_batch.training.train import run_training
+from planet_batch.training.train import open_run, run_training
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
     return export if not cfg.overwrite and same_run(earlier, cfg) is None else None
 
 
-def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> FoldResult:
+def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold, tracker: Tracker | None = None,
+               parent: Run | None = None) -> FoldResult:
     fold_dir = run_dir / fold.name
     t0 = time.perf_counter()
     export = finished_export(fold_dir, cfg)
@@ -112,19 +114,41 @@ def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold) -> F
         log.info("%s: finished by an earlier run, export kept: %s", fold.name, fold_dir / "export")
         seconds = 0.0
     else:
-        export = load_export(run_training(cfg, data, fold_dir, split=(fold.train, fold.held_out), fold=fold.name))
+        export = load_export(run_training(cfg, data, fold_dir, split=(fold.train, fold.held_out), fold=fold.name,
+                                          tracker=tracker, parent=parent))
         seconds = time.perf_counter() - t0
     return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
 
 
-def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
+def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, tracker: Tracker | None = None) -> Path:
     """Train `cfg.folds` folds (each a run folder RUN/fold-i), write RUN/oof.parquet and RUN/metrics.csv, and
-    export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export."""
+    export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export. `tracker`: a
+    parent MLflow run with each fold's nested in it."""
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
     for f in folds:  # as is another config on a fold's run folder
         claim_run_folder(run_dir / f.name, cfg)
+    if cfg.overwrite:
+        (run_dir / RUN_FILE).unlink(missing_ok=True)
+    parent = open_run(tracker, cfg, data, run_dir)
+    try:
+        export = train_folds(cfg, data, run_dir, folds, tracker, parent)
+    except BaseException as e:
+        finish_on_error(parent, e)
+        raise
+    if parent is not None:
+        oof = load_model(export).metrics
+        parent.log_metrics({k: oof[k] for k in ("oof_fbeta", "oof_fbeta_tuned", "n_oof")})
+        parent.log_artifacts([run_dir / "metrics.csv", run_dir / "oof.parquet"])
+        parent.log_artifacts([export / "model.json"], "export")
+        parent.finish()
+    return export
+
+
+def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fold], tracker: Tracker | None,
+                parent: Run | None) -> Path:
+    """The folds not finished yet, as many at a time as the cluster holds; the ensemble export."""
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
@@ -136,7 +160,7 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
     # stays on this machine, and Ray schedules the folds' worker groups side by side.
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
-    futures = [pool.submit(train_fold, cfg, data, run_dir, f) for f in folds]
+    futures = [pool.submit(train_fold, cfg, data, run_dir, f, tracker, parent) for f in folds]
     try:
         errors = [f.exception() for f in futures]
     except KeyboardInterrupt:
@@ -153,10 +177,10 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> P
             raise e
         raise TrainError(f"{fold.name}: {e} ({len(folds) - len(failed)} of {len(folds)} folds finished and are "
                          "kept: the same command again trains only the others)") from None
-    return write_results(cfg, run_dir, [f.result() for f in futures])
+    return write_results(cfg, run_dir, [f.result() for f in futures], parent)
 
 
-def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult]) -> Path:
+def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult], parent: Run | None = None) -> Path:
     names = [n for r in results for n in r.fold.held_out.names]
     probs = np.concatenate([r.probs for r in results])
     targets = np.concatenate([r.fold.held_out.targets for r in results])
@@ -175,13 +199,17 @@ def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult]) ->
     export = save_ensemble(run_dir / "export", [f"{r.fold.name}/export" for r in results],
                            threshold=cfg.threshold, thresholds=thresholds, config=to_dict(cfg),
                            metrics={"oof_fbeta": summary["fbeta"], "oof_fbeta_tuned": summary["fbeta_tuned"],
-                                    "n_oof": len(names), "folds": rows})
+                                    "n_oof": len(names), "folds": rows},
+                           tracking_run=parent.run_id if parent else None)
     log.info("out of fold: F2 %.4f at %.2f, %.4f with thresholds tuned on all %d rows; %d-fold ensemble: %s",
              summary["fbeta"], cfg.threshold, summary["fbeta_tuned"], len(names), len(results), export)
     return export
 
 
 
-def train(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str) -> Path:
-    """`planet-batch train`: K folds and their ensemble export with `folds: K`, else one model; the export."""
-    return (run_folds if cfg.folds else run_training)(cfg, data_root, run_dir)
+def train(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, tracker: Tracker | None = None) -> Path:
+    """`planet-batch train`: K folds and their ensemble export with `folds: K`, else one model; the export.
+    `tracker`: every run in MLflow (planet_batch.tracking)."""
+    if cfg.folds:
+        return run_folds(cfg, data_root, run_dir, tracker)
+    return run_training(cfg, data_root, run_dir, tracker=tracker)

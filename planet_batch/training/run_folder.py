@@ -16,6 +16,7 @@ from planet_batch.config import HOW_NOT_WHAT, TrainConfig, load_config, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.export import save_export
 from planet_batch.model import normalization
+from planet_batch.tracking import RUN_FILE
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import best_constant_fbeta, fbeta, tune_thresholds
 from planet_batch.training.steps import fold_prefix
@@ -76,7 +77,8 @@ def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
     if not saved.exists():
         return
     if cfg.overwrite:
-        for path in (run_dir / "stages", run_dir / "export", run_dir / "metrics.csv", run_dir / "losses.png", saved):
+        for path in (run_dir / "stages", run_dir / "export", run_dir / "metrics.csv", run_dir / "losses.png",
+                     run_dir / RUN_FILE, saved):  # (a new MLflow run too)
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         ray_run = locate(ray_storage(cfg, run_dir)) / run_name(run_dir)
         if ray_run.is_dir():
@@ -125,7 +127,7 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> dict:
     return final
 
 
-def export_run(run_dir: Path, cfg: TrainConfig, state: dict, fold: str = "") -> Path:
+def export_run(run_dir: Path, cfg: TrainConfig, state: dict, fold: str = "", tracking_run: str | None = None) -> Path:
     """RUN_DIR/export: the final weights with thresholds tuned for F2 on the last validation pass."""
     probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
     thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
@@ -134,7 +136,7 @@ def export_run(run_dir: Path, cfg: TrainConfig, state: dict, fold: str = "") -> 
     export = save_export(
         run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size,
         normalization=normalization(cfg.arch), threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
-        config=to_dict(cfg), metrics=final,
+        config=to_dict(cfg), metrics=final, tracking_run=tracking_run,
     )
     log.info("%sfinal: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
              fold_prefix(fold), final["fbeta"], cfg.threshold, final["fbeta_tuned"],

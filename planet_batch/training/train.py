@@ -25,10 +25,12 @@ from planet_batch.cluster.runtime import (
     verbose,
 )
 from planet_batch.cluster.storage import locate, read_placement
-from planet_batch.config import TrainConfig, save_config
+from planet_batch.config import TrainConfig, save_config, to_dict
 from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split
 from planet_batch.data.labels import TAGS
+from planet_batch.export import load_export
 from planet_batch.model import build_model, normalization
+from planet_batch.tracking import Run, Tracker, finish_on_error, flat_params
 from planet_batch.training import TrainError
 from planet_batch.training.run_folder import (
     claim_run_folder,
@@ -99,7 +101,7 @@ REPORT_POLL_S = 0.25
 
 
 def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage: str, name: str,
-            label_selector: dict[str, str] | None = None, fold: str = ""):
+            label_selector: dict[str, str] | None = None, fold: str = "", tracking: Run | None = None):
     """Every stage of `cfg` in one Ray Train run (resumed from its latest checkpoint when it exists); Ray's result.
 
     Every epoch reports a checkpoint; the last epoch of each stage is kept (its weights are `stages/NAME.pt`)
@@ -129,6 +131,7 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
             local_checkpoints=local_checkpoints(cfg, storage, name),
             verbose=verbose(),
             fold=fold,
+            tracking=tracking,
         )},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker=resources if cfg.workers else None,
@@ -175,12 +178,36 @@ def check_start_files(cfg: TrainConfig) -> None:
             raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
 
 
+def open_run(tracker: Tracker | None, cfg: TrainConfig, data, run_dir: Path, parent: Run | None = None
+             ) -> Run | None:
+    """The run folder's MLflow run (a K-fold run's fold: nested under `parent`), opened before Ray starts."""
+    if tracker is None:
+        return None
+    return tracker.open(run_dir.name, params=flat_params(to_dict(cfg)) | {"data": str(data)},
+                        tags={"planet_batch.job": "train", "planet_batch.run_folder": str(run_dir)},
+                        keep_in=run_dir, parent=parent)
+
+
+def finish_run(run: Run | None, run_dir: Path, history: dict, export: Path, log_model: bool) -> None:
+    """What the workers did not log (the last epoch, any a lost rank 0 missed), the final F2 and the files."""
+    if run is None:
+        return
+    run.log_epochs(history["epochs"])
+    final = load_export(export).metrics
+    run.log_metrics({f"final_{k}": final[k] for k in ("fbeta", "fbeta_tuned", "best_constant_fbeta", "n_valid")})
+    run.log_artifacts([run_dir / n for n in ("config.yaml", "metrics.csv", "losses.png", "batch.png")])
+    run.log_artifacts([export / "model.json", *([export / "model.pt"] if log_model else [])], "export")
+    run.finish()
+
+
 def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
-                 split: tuple[Split, Split] | None = None, fold: str = "") -> Path:
+                 split: tuple[Split, Split] | None = None, fold: str = "", *, tracker: Tracker | None = None,
+                 parent: Run | None = None) -> Path:
     """Train every stage of `cfg` on the dataset at `data_root` in one Ray Train run; returns the export folder.
     The same command on the same run folder resumes an interrupted run from its latest checkpoint.
     `split`: the (train, validation) images, by default the config's seeded valid_pct split; `fold` names a
-    K-fold run's fold in its console lines (planet_batch.training.folds)."""
+    K-fold run's fold in its console lines (planet_batch.training.folds); `tracker`: its MLflow run (nested
+    under `parent`), the same run when it resumes."""
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
@@ -188,14 +215,24 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
     check_start_files(cfg)
     claim_run_folder(run_dir, cfg)
     weights = initial_state(cfg)
-    ensure_ray()
-    if not cfg.autoscale:
-        check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
-    quiet_data_progress()
-    reads = read_placement(data, cfg.data_shared)
-    save_config(cfg, run_dir / "config.yaml")
-    log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
-             fold_prefix(fold), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
-    result = fit_run(cfg, init=weights, train=train, valid=valid, storage=ray_storage(cfg, run_dir),
-                     name=run_name(run_dir), label_selector=reads, fold=fold)
-    return export_run(run_dir, cfg, write_run_folder(run_dir, cfg, result), fold)
+    run = open_run(tracker, cfg, data, run_dir, parent)
+    try:
+        ensure_ray()
+        if not cfg.autoscale:
+            check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
+        quiet_data_progress()
+        reads = read_placement(data, cfg.data_shared)
+        save_config(cfg, run_dir / "config.yaml")
+        log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
+                 fold_prefix(fold), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
+        result = fit_run(cfg, init=weights, train=train, valid=valid, storage=ray_storage(cfg, run_dir),
+                         name=run_name(run_dir), label_selector=reads, fold=fold, tracking=run)
+        if run is not None and result.metrics.get("tracking_lost"):
+            run.lost = True  # rank 0 warned: the job goes on without the server
+        final = write_run_folder(run_dir, cfg, result)
+        export = export_run(run_dir, cfg, final, fold, run.run_id if run else None)
+    except BaseException as e:
+        finish_on_error(run, e)
+        raise
+    finish_run(run, run_dir, final["history"], export, tracker is not None and tracker.options.log_model)
+    return export

@@ -1,7 +1,7 @@
 """Inside each Ray Train worker: the config's stages as fastai's `fit_one_cycle` calls, one epoch at a time.
 
 `train_loop` is Ray Train's `train_loop_per_worker`; `Worker` runs one step a method (resume, build, begin a
-stage, train, validate, record, report) from Ray's latest checkpoint if there is one. Workers only report
+stage, train, validate, record, report, track) from Ray's latest checkpoint if there is one. Workers only report
 metrics and checkpoints; the driver (train.py) writes the run folder from what Ray kept.
 """
 
@@ -25,6 +25,7 @@ from planet_batch.config import Stage, TrainConfig, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import Normalization
 from planet_batch.model import build_model, compile_or_eager, resolve_precision, set_frozen, training_setup
+from planet_batch.tracking import Run
 from planet_batch.training.steps import (
     EpochShare,
     compile_training,
@@ -110,6 +111,7 @@ class WorkerPlan:
     local_checkpoints: str | None  # local mode's checkpoint folders (run_folder.local_checkpoints)
     verbose: bool
     fold: str  # a K-fold run's fold, for its console lines
+    tracking: Run | None = None  # the MLflow run rank 0 logs the epochs into
 
 
 @dataclass
@@ -242,7 +244,7 @@ class Worker:
             local_shuffle_buffer_size=4 * self.cfg.batch_size))
 
     def run_epoch(self, pos: Position, batches: Iterator, after: Position) -> Iterator | None:
-        """Train, validate, report; returns the next epoch's batches, already starting."""
+        """Train, validate, record, report, track; returns the next epoch's batches, already starting."""
         t0 = time.perf_counter()
         losses, wait = self.train(pos, batches)
         train_seconds = time.perf_counter() - t0
@@ -253,6 +255,7 @@ class Worker:
         result = self.validate(pos, losses, EpochShare.of_training(losses, train_seconds, wait), t0)
         self.record(pos, result)
         self.report(pos, result)
+        self.track(pos)
         return upcoming
 
     def train(self, pos: Position, batches: Iterator) -> tuple[list[float], float]:
@@ -301,8 +304,17 @@ class Worker:
                 state["valid_probs"] = torch.from_numpy(result.probs)
                 state["valid_targets"] = torch.from_numpy(result.targets)
         step = len(self.history.epochs)  # one global step across stages
-        save_and_report(result.metrics | {"step": step, "stage_end": int(stage_end)}, state,
+        lost = {"tracking_lost": int(self.plan.tracking.lost)} if self.rank == 0 and self.plan.tracking else {}
+        save_and_report(result.metrics | {"step": step, "stage_end": int(stage_end)} | lost, state,
                         self.plan.local_checkpoints)
+
+    def track(self, pos: Position) -> None:
+        """Rank 0: the epochs into the MLflow run, once Ray holds this one's checkpoint (so a restart never repeats
+        a logged epoch). The run's last epoch is the driver's to log: every attempt here is followed by a report
+        that tells the driver whether the server was lost (one warning per job)."""
+        last = Position(len(self.cfg.stages) - 1, self.cfg.stages[-1].epochs - 1)
+        if self.rank == 0 and self.plan.tracking and pos != last:
+            self.plan.tracking.log_epochs(self.history.epochs)
 
 
 def train_loop(config: dict) -> None:

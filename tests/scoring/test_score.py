@@ -179,8 +179,8 @@ def test_bad_model_or_data_fail_before_ray_work(demo_root, export_dir, tmp_path)
 
 @pytest.fixture(scope="module")
 def many_root(tmp_path_factory):
-    """1,500 demo test chips in the Kaggle layout."""
-    return write_demo_data(tmp_path_factory.mktemp("many") / "data", n_train=1, n_test=1000, n_additional=500, seed=2)
+    """750 demo test chips in the Kaggle layout (15 shards of 50 rows)."""
+    return write_demo_data(tmp_path_factory.mktemp("many") / "data", n_train=1, n_test=500, n_additional=250, seed=2)
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +242,11 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
 
     done = run_cli(score_cmd(export64, many_root, out))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "resuming: " in done.stderr and f"{kept} of 1500 images already scored" in done.stderr
+    assert "resuming: " in done.stderr and f"{kept} of 750 images already scored" in done.stderr
     summary = json.loads((out.parent / "score_summary.json").read_text())
     # Nothing committed is scored again or lost: the rerun computes exactly the rows that had no shard.
-    assert 0 < summary["resumed_images"] == kept < 1500
-    assert summary["scored_images"] == 1500 - kept and summary["images"] == 1500
+    assert 0 < summary["resumed_images"] == kept < 750
+    assert summary["scored_images"] == 750 - kept and summary["images"] == 750
     assert out.read_bytes() == uninterrupted
     assert not work.exists()
 

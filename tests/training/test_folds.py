@@ -13,11 +13,12 @@ import pytest
 from reference import plain_probs
 
 from planet_batch.cluster.runtime import CapacityError, fault_file
-from planet_batch.config import ConfigError, ScoreConfig, TrainConfig, load_config, to_dict
+from planet_batch.config import ConfigError, ScoreConfig, TrackingConfig, TrainConfig, load_config, to_dict
 from planet_batch.data.datasets import labelled_split
 from planet_batch.data.labels import TAGS, decode
 from planet_batch.export import load_export, load_model
 from planet_batch.scoring.score import run_scoring
+from planet_batch.tracking import connect
 from planet_batch.training.folds import make_folds, run_folds
 from planet_batch.training.train import TrainError
 
@@ -47,19 +48,20 @@ def test_folds_partition_the_labelled_images_the_same_way_for_the_same_seed(demo
 
 
 @pytest.fixture(scope="module")
-def folded(ray_local, demo_root, tmp_path_factory):
-    """3 folds, two at a time, one of them losing a worker in its second epoch."""
+def folded(ray_local, demo_root, tmp_path_factory, mlflow_server):
+    """3 folds, two at a time, one of them losing a worker in its second epoch; tracked in MLflow."""
     import ray
     from ray._private import state
 
     point = "train:s:1:1:0"  # stage s, epoch 1, batch 1, rank 0: the first fold to get there
     fault_file(ray_local, point).touch()
     run = tmp_path_factory.mktemp("folds") / "run"
-    export = run_folds(cfg("folds=3", "max_failures=2"), demo_root, run)
+    tracker = connect(TrackingConfig(tracking=mlflow_server.uri, experiment="folds"))
+    export = run_folds(cfg("folds=3", "max_failures=2"), demo_root, run, tracker)
     controllers = [a for a in state.actors().values() if a["ActorClassName"] == "TrainController"]
     assert ray.is_initialized()
     return {"run": run, "export": export, "fired": fault_file(ray_local, point, "fired").exists(),
-            "controllers": controllers}
+            "controllers": controllers, "tracker": tracker}
 
 
 def test_each_fold_keeps_a_run_folder_and_two_folds_ran_at_the_same_time(folded):
@@ -98,13 +100,39 @@ def test_oof_rows_are_what_each_fold_export_predicts_for_its_held_out_images(fol
     assert metrics["fbeta_tuned"].iloc[-1] >= metrics["fbeta"].iloc[-1] - 1e-9
 
 
-def test_the_ensemble_export_scores_the_mean_of_its_folds_with_oof_thresholds(folded, demo_root, tmp_path):
+def test_a_k_fold_run_is_a_parent_mlflow_run_with_a_nested_run_per_fold(folded, mlflow_server):
+    runs = mlflow_server.runs("folds", "tags.`planet_batch.job` = 'train'")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = sorted((r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id),
+                      key=lambda r: r.info.run_name)
+    assert len(runs) == 4 and [r.info.run_name for r in children] == ["fold-0", "fold-1", "fold-2"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    for i, child in enumerate(children):  # the fold whose worker died too: each epoch once
+        assert [s for s, _ in mlflow_server.points(child.info.run_id, "valid_loss")] == [1, 2]
+        assert load_export(folded["run"] / f"fold-{i}" / "export").tracking_run == child.info.run_id
+    oof = pd.read_csv(folded["run"] / "metrics.csv").iloc[-1]
+    assert parent.data.metrics["oof_fbeta"] == pytest.approx(oof["fbeta"])
+    assert parent.data.metrics["oof_fbeta_tuned"] == pytest.approx(oof["fbeta_tuned"])
+    assert parent.data.params["folds"] == "3" and load_model(folded["export"]).tracking_run == parent.info.run_id
+    assert mlflow_server.artifacts(parent.info.run_id) == ["export", "metrics.csv", "oof.parquet"]
+
+
+def test_the_ensemble_export_scores_the_mean_of_its_folds_with_oof_thresholds(folded, demo_root, tmp_path,
+                                                                             mlflow_server):
     ensemble = load_model(folded["export"])
     assert [str(m.weights.parent) for m in ensemble.members] == [str(folded["run"] / f"fold-{i}" / "export")
                                                                    for i in range(3)]
     summary = run_scoring(ScoreConfig(model=str(folded["export"]), data=str(demo_root), out=str(tmp_path / "s.csv"),
-                                      probs_out=str(tmp_path / "p.parquet"), threshold="tuned", precision="fp32"))
+                                      probs_out=str(tmp_path / "p.parquet"), threshold="tuned", precision="fp32"),
+                          folded["tracker"])
     assert summary.scored == 40
+    # The scoring run: its summary, linked to the training run of the model it scored (the folds' parent)
+    (scored,) = mlflow_server.runs("folds", "tags.`planet_batch.job` = 'score'")
+    assert scored.data.tags["planet_batch.training_runs"] == ensemble.tracking_run
+    assert {k: scored.data.metrics[k] for k in ("images", "scored", "unreadable", "resumed_images")} == {
+        "images": 40, "scored": 40, "unreadable": 0, "resumed_images": 0}
+    assert scored.data.metrics["images_per_s"] == summary.images_per_s and scored.data.tags["precision"] == "fp32"
+    assert mlflow_server.artifacts(scored.info.run_id) == ["score_summary.json"]  # the submission on request
     probs = pq.read_table(tmp_path / "p.parquet").to_pandas()
     paths = [demo_root / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg"
              for n in probs["image_name"]]

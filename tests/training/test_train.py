@@ -53,10 +53,18 @@ def learnable_root(tmp_path_factory):
     return write_demo_data(tmp_path_factory.mktemp("learn") / "data", n_train=300, n_test=4, n_additional=2, seed=2)
 
 
-def test_tiny_run_beats_the_best_constant_prediction(ray_local, learnable_root, tmp_path):
+TWICE = [{"name": "twice", "size": 32, "epochs": 5, "frozen": False, "lr": 0.01}]
+
+
+@pytest.fixture(scope="module")
+def calm(ray_local, learnable_root, tmp_path_factory):
+    """An undisturbed 5-epoch run with two workers on the learnable data; its export's metrics."""
+    return load_export(run_training(cfg(TWICE), learnable_root, tmp_path_factory.mktemp("calm") / "run")).metrics
+
+
+def test_tiny_run_beats_the_best_constant_prediction(calm):
     """The demo data is learnable: a short run beats the best image-blind prediction by a wide margin."""
-    stages = [{"name": "s", "size": 32, "epochs": 6, "frozen": False, "lr": 0.01}]
-    m = load_export(run_training(cfg(stages, "workers=0"), learnable_root, tmp_path / "run")).metrics
+    m = calm
     assert m["n_valid"] == 60
     assert m["fbeta"] > m["best_constant_fbeta"] + 0.1, m
     assert m["fbeta_tuned"] >= m["fbeta"] - 1e-9
@@ -161,18 +169,26 @@ def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, 
     assert [r["stage"] for r in metrics_rows(tmp_path / "second")] == ["again"]
 
 
-def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, tmp_path):
+def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, tmp_path, mlflow_server, tracker):
     stages = [{"name": "faulty", "size": 32, "epochs": 4, "frozen": True, "lr": 0.01}]
     point = "train:faulty:2:1:1"  # stage faulty, epoch 2, batch 1, rank 1
     fault_file(ray_local, point).touch()
-    run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run")
+    export = run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run", tracker=tracker)
     assert fault_file(ray_local, point, "fired").exists(), "the fault never fired"
     # Exactly the planned epochs, none repeated: the retry loaded a checkpoint, it did not start over.
-    assert [int(r["epoch"]) for r in metrics_rows(tmp_path / "run")] == [0, 1, 2, 3]
+    rows = metrics_rows(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     state = torch.load(tmp_path / "run" / "stages" / "faulty.pt", weights_only=True)
     assert state["metrics"]["epoch"] == 3
     # Epoch 1's checkpoint: every worker waits until Ray has registered its epoch's report (train.save_and_report).
     assert state["resumed_after"] == [1]
+    # One MLflow run with one point per epoch: epoch 2, trained twice, logged once, with the values metrics.csv
+    # keeps (rank 0 logs an epoch only once Ray holds its checkpoint).
+    (run,) = mlflow_server.runs(tracker.options.experiment)
+    assert run.info.status == "FINISHED" and load_export(export).tracking_run == run.info.run_id
+    for key in ("train_loss", "valid_loss", "accuracy_thresh", "fbeta"):
+        assert mlflow_server.points(run.info.run_id, key) == [(i + 1, pytest.approx(float(r[key])))
+                                                             for i, r in enumerate(rows)], key
 
 
 @pytest.mark.parametrize(
@@ -213,11 +229,12 @@ def test_unknown_arch_and_bad_stage_reference_are_config_errors():
         cfg([{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01, "start_from": "s0"}])
 
 
-def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path):
-    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check.
+def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path, mlflow_server):
+    """`python jobs/lesson3.py` as a user runs it: its own local Ray, train -> export -> score -> check, tracked.
 
-    With Kaggle credentials in the environment and in kaggle.json, as on a user's machine: the key
-    must not reach the output, the run folder (config, checkpoints, export) or Ray's session logs.
+    With Kaggle credentials in the environment and in kaggle.json, and an MLflow password in the environment, as
+    on a user's machine: neither may reach the output, the run folder (config, checkpoints, export), Ray's session
+    logs or the tracking server.
     """
     import subprocess
     import sys
@@ -233,12 +250,14 @@ def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path)
     ray_tmp = tempfile.mkdtemp(prefix="pb-l3-", dir="/tmp")  # short: Ray's socket paths must fit 108 bytes
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"KAGGLE_USERNAME": "someone", "KAGGLE_KEY": secret, "KAGGLE_CONFIG_DIR": str(kaggle_dir),
-            "RAY_TMPDIR": ray_tmp}
+            "RAY_TMPDIR": ray_tmp, "MLFLOW_TRACKING_URI": mlflow_server.uri, "MLFLOW_TRACKING_USERNAME": "someone",
+            "MLFLOW_TRACKING_PASSWORD": SECRET}
     stages = "[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]"
     try:
         proc = subprocess.run(
             [sys.executable, "jobs/lesson3.py", "--config", "jobs/configs/demo.yaml", "--data", str(demo_root),
-             "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16"],
+             "--out", str(tmp_path / "l3"), "--set", f"stages={stages}", "--set", "batch_size=16",
+             "--experiment", "lesson3", "--log-model", "--log-submission"],
             cwd=root, env=env, capture_output=True, text=True, timeout=600,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -246,22 +265,31 @@ def test_lesson3_job_runs_the_whole_notebook_on_a_local_ray(demo_root, tmp_path)
         assert check_submission(tmp_path / "l3" / "submission.csv", demo_root / "sample_submission_v2.csv") == []
         assert (tmp_path / "l3" / "probs.parquet").exists() and (tmp_path / "l3" / "export" / "model.json").exists()
 
-        assert secret not in proc.stdout + proc.stderr
-        scanned = [p for d in (tmp_path / "l3", Path(ray_tmp)) for p in d.rglob("*") if p.is_file()]
-        assert any(p.suffix == ".pt" for p in scanned) and any(p.suffix == ".log" for p in scanned)
-        leaked = [p for p in scanned if secret.encode() in p.read_bytes()]
-        assert leaked == [], f"the Kaggle key is in {leaked}"
+        # Two MLflow runs: the training's with the weights (--log-model), the scoring's with the submission
+        # (--log-submission), linked to it.
+        trained, scored = mlflow_server.runs("lesson3")
+        assert (trained.data.tags["planet_batch.job"], scored.data.tags["planet_batch.job"]) == ("train", "score")
+        assert mlflow_server.artifacts(trained.info.run_id, "export") == ["export/model.json", "export/model.pt"]
+        assert mlflow_server.artifacts(scored.info.run_id) == ["score_summary.json", "submission.csv"]
+        assert scored.data.tags["planet_batch.training_runs"] == trained.info.run_id
+        assert scored.data.metrics["images"] == 40 and trained.data.metrics["final_n_valid"] == 16
+
+        for key in (secret, SECRET):
+            assert key not in proc.stdout + proc.stderr and key not in mlflow_server.stored_text()
+            scanned = [p for d in (tmp_path / "l3", Path(ray_tmp)) for p in d.rglob("*") if p.is_file()]
+            assert any(p.suffix == ".pt" for p in scanned) and any(p.suffix == ".log" for p in scanned)
+            leaked = [p for p in scanned if key.encode() in p.read_bytes()]
+            assert leaked == [], f"{key} is in {leaked}"
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_local, learnable_root, tmp_path):
-    stages = [{"name": "twice", "size": 32, "epochs": 5, "frozen": False, "lr": 0.01}]
-    calm = load_export(run_training(cfg(stages), learnable_root, tmp_path / "calm")).metrics
+def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_local, learnable_root, tmp_path,
+                                                                            calm):
     points = ["train:twice:2:1:1", "train:twice:4:1:0"]  # rank 1 in epoch 2, then rank 0 in epoch 4
     for p in points:
         fault_file(ray_local, p).touch()
-    hit = load_export(run_training(cfg(stages, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
+    hit = load_export(run_training(cfg(TWICE, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
     assert all(fault_file(ray_local, p, "fired").exists() for p in points)
     state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
     # Each restart resumed from the checkpoint of the epoch before its fault, never from an older one.
@@ -279,12 +307,14 @@ TWO_STAGES = {"arch": "resnet18", "weights": "none", "batch_size": 16, "workers"
               "precision": "fp32", "stages": [{"name": "s1", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
                                               {"name": "s2", "size": 48, "epochs": 3, "frozen": False,
                                                "lr": [1e-4, 2e-3]}]}
+SECRET = "s3cret-Pa55word"  # MLflow's basic-auth password, in the environment as MLflow reads it
 ROW = re.compile(r"planet_batch\.training\.train: (?:fold-\d +)?(\d+) +\d\.\d+ ")  # an epoch row of the table
 
 
-def train_cli(config: Path, data: Path, run: Path, faults: Path, *extra: str) -> subprocess.Popen:
+def train_cli(config: Path, data: Path, run: Path, faults: Path, *extra: str, env: dict | None = None
+              ) -> subprocess.Popen:
     """`python jobs/train.py` as a user runs it, in its own process group with its own local Ray."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)} | (env or {})
     return subprocess.Popen([sys.executable, "jobs/train.py", "--config", str(config), "--data", str(data),
                              "--out", str(run), *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -299,23 +329,30 @@ def wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
-def test_a_killed_driver_resumes_mid_stage_and_runs_each_epoch_once(demo_root, tmp_path, sig):
+def test_a_killed_driver_resumes_mid_stage_and_runs_each_epoch_once(demo_root, tmp_path, sig, mlflow_server):
     """The driver's process group SIGKILLed (or SIGTERMed) in the second epoch of the second stage: the same
     command goes on from the checkpoint of the epoch before, prints only the epochs it still had to run, and
-    metrics.csv and losses.png hold every (stage, epoch) once."""
+    metrics.csv, losses.png and the MLflow run hold every (stage, epoch) once."""
     config, run, faults = tmp_path / "two.yaml", tmp_path / "run", tmp_path / "faults"
     config.write_text(json.dumps(TWO_STAGES))
     faults.mkdir()
     fault_file(faults, "train:s2:1:1:0", "hang").touch()  # stage s2, epoch 1, batch 1, rank 0
-    first = train_cli(config, demo_root, run, faults)
+    experiment = f"killed-{sig.name}"
+    tracking = {"MLFLOW_TRACKING_URI": mlflow_server.uri, "MLFLOW_TRACKING_USERNAME": "ci",
+                "MLFLOW_TRACKING_PASSWORD": SECRET}
+    first = train_cli(config, demo_root, run, faults, "--experiment", experiment, env=tracking)
     wait_for(fault_file(faults, "train:s2:1:1:0", "hanging"), first)
     os.killpg(first.pid, sig) if sig == signal.SIGKILL else first.send_signal(sig)  # a kill takes the group
     out = first.communicate(timeout=60)[0]
     assert first.returncode == -sig if sig == signal.SIGKILL else first.returncode == 128 + sig, out[-3000:]
     assert "export" not in out and not (run / "export").exists()
+    (stopped,) = mlflow_server.runs(experiment)
+    assert stopped.info.status == ("RUNNING" if sig == signal.SIGKILL else "KILLED")
 
-    again = train_cli(config, demo_root, run, faults)
+    console = out
+    again = train_cli(config, demo_root, run, faults, "--experiment", experiment, env=tracking)
     out = again.communicate(timeout=400)[0]
+    console += out
     assert again.returncode == 0, out[-3000:]
     assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in out
     assert "stage s1:" not in out and [int(m[1]) for m in ROW.finditer(out)] == [1, 2]  # only what was left
@@ -326,6 +363,25 @@ def test_a_killed_driver_resumes_mid_stage_and_runs_each_epoch_once(demo_root, t
         assert saved["metrics"]["epoch"] == epochs and saved["size"] == {"s1": 32, "s2": 48}[name]
     assert torch.load(run / "stages" / "s2.pt", weights_only=True)["resumed_after"] == [0]
     assert load_export(run / "export").metrics["n_valid"] == 16 and (run / "losses.png").stat().st_size > 5000
+
+    # The resumed driver went on in the same MLflow run: the config as params, one point per epoch at steps 1-5
+    # with the stages' steps as tags, the final F2, the files; the password nowhere.
+    (tracked,) = mlflow_server.runs(experiment)
+    assert tracked.info.run_id == stopped.info.run_id and tracked.info.status == "FINISHED"
+    assert load_export(run / "export").tracking_run == tracked.info.run_id
+    params, tags, metrics = tracked.data.params, tracked.data.tags, tracked.data.metrics
+    assert (params["arch"], params["stages.1.lr"], params["workers"]) == ("resnet18", "[0.0001, 0.002]", "1")
+    assert (tags["stage.s1"], tags["stage.s2"]) == ("1-2", "3-5")
+    for key in ("train_loss", "valid_loss", "accuracy_thresh", "fbeta", "time"):
+        assert [s for s, _ in mlflow_server.points(tracked.info.run_id, key)] == [1, 2, 3, 4, 5], key
+    assert [v for _, v in mlflow_server.points(tracked.info.run_id, "fbeta")] == pytest.approx(
+        [float(r["fbeta"]) for r in metrics_rows(run)])
+    assert metrics["final_fbeta"] == pytest.approx(load_export(run / "export").metrics["fbeta"])
+    assert {"final_fbeta_tuned", "final_best_constant_fbeta", "final_n_valid"} <= metrics.keys()
+    assert mlflow_server.artifacts(tracked.info.run_id) == ["config.yaml", "export", "losses.png", "metrics.csv"]
+    assert mlflow_server.artifacts(tracked.info.run_id, "export") == ["export/model.json"]  # no --log-model
+    assert SECRET not in mlflow_server.stored_text() and SECRET not in console
+    assert not [p for p in run.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
 
 
 def test_another_config_on_a_run_folder_is_refused_and_overwrite_starts_over(demo_root, tmp_path):
