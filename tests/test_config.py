@@ -56,7 +56,12 @@ def test_bad_fields_are_named(override, field):
 
 
 def test_stage_from_earlier_stage_or_file():
-    Stage("a", 64, 1, True, 0.01, start_from="old-run/stages/stage-2.pt")
+    from_file = Stage("a", 64, 1, True, 0.01, start_from="old-run/stages/stage-2.pt")
+    assert from_file.start_file == "old-run/stages/stage-2.pt"
+    later = Stage("b", 64, 1, False, 0.01, start_from="a")
+    assert later.start_file is None and TrainConfig(stages=(from_file, later)).stages[1].start_from == "a"
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.start_from: 'c' is not an earlier stage"):
+        TrainConfig(stages=(from_file, Stage("b", 64, 1, False, 0.01, start_from="c")))
     with pytest.raises(ConfigError, match="duplicate"):
         TrainConfig(stages=(Stage("a", 64, 1, True, 0.01), Stage("a", 64, 1, True, 0.01)))
 

@@ -79,14 +79,15 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
 
 def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     """Stop the head of a 2-node cluster once a third of the rows are in shards (the job dies with it), start a
-    new cluster, submit the same command: it scores only the rest, and the submission is the plain loop's."""
+    new cluster (its head alone: quicker), submit the same command: it scores only the rest, and the submission is
+    the plain loop's."""
     import numpy as np
     from reference import plain_probs
 
     from planet_batch.data.demo_data import write_demo_data
     from planet_batch.data.labels import decode
 
-    data = write_demo_data(tmp_path / "data", n_train=1, n_test=1000, n_additional=500, seed=2)
+    data = write_demo_data(tmp_path / "data", n_train=1, n_test=500, n_additional=250, seed=2)
     export = tiny_export(tmp_path / "export", size=64)
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
@@ -102,15 +103,15 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     (tmp_path / "second").mkdir()
     with two_node_cluster(tmp_path / "first") as c:
         job = submit(client(c), command)
-        wait_for(lambda: committed() >= 500, 240, "a third of the rows")
+        wait_for(lambda: committed() >= 250, 240, "a third of the rows")
         stop(c["head"])
     kept = committed()
-    assert not out.exists() and kept < 1500
-    with two_node_cluster(tmp_path / "second") as c:
+    assert not out.exists() and kept < 750
+    with two_node_cluster(tmp_path / "second", worker_node=False) as c:
         logs = run_job(c, command)
-    assert f"{kept} of 1500 images already scored" in logs, logs[-3000:]
+    assert f"{kept} of 750 images already scored" in logs, logs[-3000:]
     summary = json.loads((out.parent / "score_summary.json").read_text())
-    assert summary["resumed_images"] == kept and summary["scored_images"] == 1500 - kept, (summary, job)
+    assert summary["resumed_images"] == kept and summary["scored_images"] == 750 - kept, (summary, job)
     rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
     names = [r[0] for r in rows]
     paths = [data / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg" for n in names]

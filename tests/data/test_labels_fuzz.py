@@ -49,3 +49,30 @@ def test_generated_label_files_parse_or_fail_with_a_line(tmp_path, generated):
     # Accepted means parsed exactly: every row, in order, names and tags without the padding.
     assert list(zip(labels.names, labels.tags)) == expected
     assert all(tags and all(t in TAG_INDEX for t in tags) for _, tags in expected)
+
+
+@st.composite
+def valid_label_files(draw):
+    """Files that must be accepted: known tags, unique names, UTF-8 (with or without BOM), padding, either quoting,
+    blank lines."""
+    rows = draw(st.lists(st.tuples(names, tag_sets), min_size=1, max_size=12, unique_by=lambda r: r[0]))
+    buf = io.StringIO()
+    writer = csv.writer(buf, quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])), lineterminator="\n")
+    writer.writerow(["image_name", "tags"])
+    for name, tags in rows:
+        pad = draw(st.sampled_from(["", " ", "  "]))
+        writer.writerow([pad + name + pad, pad + " ".join(tags) + pad])
+        if draw(st.booleans()):
+            buf.write(draw(st.sampled_from(["\n", "  \n"])))
+    return draw(st.sampled_from(["", "\ufeff"])) + buf.getvalue(), [(n, tuple(t)) for n, t in rows]
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(valid_label_files())
+def test_generated_valid_label_files_are_accepted_exactly(tmp_path, generated):
+    """The other half: a parser that refused every file would pass the test above, not this one."""
+    text, expected = generated
+    path = tmp_path / "train_v2.csv"
+    path.write_bytes(text.encode("utf-8"))
+    labels = read_labels(path)
+    assert list(zip(labels.names, labels.tags)) == expected

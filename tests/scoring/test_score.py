@@ -203,6 +203,18 @@ def committed_rows(work: Path) -> int:
                if not p.name.endswith(".pending.parquet"))
 
 
+def settled(count, quiet_s: float = 2.0, timeout: float = 60.0) -> int:
+    """`count()` once it has not changed for `quiet_s`."""
+    last, since, deadline = count(), time.monotonic(), time.monotonic() + timeout
+    while time.monotonic() - since < quiet_s:
+        assert time.monotonic() < deadline, f"still changing after {timeout} s"
+        time.sleep(0.2)
+        now = count()
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(many_root, export64, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted") / "submission.csv"
@@ -237,8 +249,7 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
         said = {signal.SIGTERM: "stopped (SIGTERM)", signal.SIGINT: "interrupted"}[sig]
         assert stderr.splitlines()[-1] == f"planet-batch score: {said}" and "Traceback" not in stderr, stderr[-2000:]
         assert f"the shards written so far are kept in {work}: the same command resumes" in stderr
-    time.sleep(3)  # the dead driver's Ray finishes or drops the writes it had started
-    kept = committed_rows(work)
+    kept = settled(lambda: committed_rows(work))  # the dead driver's Ray finishes or drops the writes it started
 
     done = run_cli(score_cmd(export64, many_root, out))
     assert done.returncode == 0, done.stderr[-2000:]

@@ -20,6 +20,7 @@ from planet_batch.export import load_export, load_model
 from planet_batch.scoring.score import run_scoring
 from planet_batch.tracking import connect
 from planet_batch.training.folds import make_folds, run_folds
+from planet_batch.training.metrics import fbeta, tune_thresholds
 from planet_batch.training.train import TrainError
 
 pytestmark = pytest.mark.ray
@@ -97,7 +98,26 @@ def test_oof_rows_are_what_each_fold_export_predicts_for_its_held_out_images(fol
                                    atol=1e-5)
     metrics = pd.read_csv(run / "metrics.csv")
     assert list(metrics["fold"]) == ["0", "1", "2", "oof"] and metrics["n_valid"].tolist()[-1] == len(every)
-    assert metrics["fbeta_tuned"].iloc[-1] >= metrics["fbeta"].iloc[-1] - 1e-9
+
+
+def test_each_fold_trains_on_its_part_and_the_thresholds_are_tuned_on_the_oof_rows(folded, demo_root):
+    """Fold i holds out exactly its part of the partition (its export validated on those images, not on a 20%
+    split of everything), and the ensemble's thresholds are the ones tuned on all out-of-fold rows."""
+    run = folded["run"]
+    oof = pq.read_table(run / "oof.parquet").to_pandas()
+    for fold in make_folds(demo_root, 3, cfg().seed):
+        assert sorted(oof[oof["fold"] == fold.index]["image_name"]) == sorted(fold.held_out.names)
+        assert load_export(run / fold.name / "export").metrics["n_valid"] == len(fold.held_out)
+    every = labelled_split(demo_root)
+    targets = dict(zip(every.names, every.targets))
+    tuned = tune_thresholds(oof[list(TAGS)].to_numpy(), np.stack([targets[n] for n in oof["image_name"]]),
+                            start=0.2)
+    np.testing.assert_allclose(load_model(folded["export"]).thresholds, np.round(tuned, 4), atol=1e-9)
+    # metrics.csv's out-of-fold F2 are those of the OOF rows, at 0.2 and at the tuned thresholds
+    oof_row = pd.read_csv(run / "metrics.csv").iloc[-1]
+    probs, truth = oof[list(TAGS)].to_numpy(), np.stack([targets[n] for n in oof["image_name"]])
+    assert oof_row["fbeta"] == pytest.approx(fbeta(probs, truth, 0.2))
+    assert oof_row["fbeta_tuned"] == pytest.approx(fbeta(probs, truth, tuned))
 
 
 def test_a_k_fold_run_is_a_parent_mlflow_run_with_a_nested_run_per_fold(folded, mlflow_server):

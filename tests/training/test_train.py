@@ -67,7 +67,6 @@ def test_tiny_run_beats_the_best_constant_prediction(calm):
     m = calm
     assert m["n_valid"] == 60
     assert m["fbeta"] > m["best_constant_fbeta"] + 0.1, m
-    assert m["fbeta_tuned"] >= m["fbeta"] - 1e-9
 
 
 def test_a_compiled_bf16_run_records_its_mode_and_exports_plain_weights(ray_local, demo_root, tmp_path):
