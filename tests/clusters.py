@@ -7,6 +7,7 @@ nodes share no disk. The S3 server is moto's, reached over real HTTP by pyarrow'
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import secrets
@@ -168,7 +169,13 @@ def submit(jobs, entrypoint, timeout=240) -> str:
             time.sleep(2)
 
 
-def run_job(cluster, entrypoint, timeout=420):
+@dataclasses.dataclass(frozen=True)
+class Job:
+    logs: str
+    job_id: str  # Ray's id of the job, which its tasks and actors carry in the state API
+
+
+def run_job(cluster, entrypoint, timeout=420) -> Job:
     from ray.job_submission import JobStatus
 
     c = client(cluster)
@@ -181,7 +188,7 @@ def run_job(cluster, entrypoint, timeout=420):
         time.sleep(2)
     logs = c.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"{entrypoint} ended {status}:\n{logs[-4000:]}"
-    return logs
+    return Job(logs, c.get_job_info(job).job_id)
 
 
 def predictors(cluster):
@@ -189,12 +196,12 @@ def predictors(cluster):
     return [a for a in actors if "Predictor" in a.get("class_name", "") and a["state"] == "ALIVE"]
 
 
-def tasks_by_node(cluster, name_part: str) -> dict[str, int]:
-    """How many finished task attempts whose name contains `name_part` ran on each node (Ray's state API)."""
+def tasks_by_node(cluster, name_part: str, job: Job) -> dict[str, int]:
+    """How many task attempts of `job` whose name contains `name_part` ran on each node (Ray's state API)."""
     tasks = get_json(cluster, "/api/v0/tasks?detail=1&limit=10000")["data"]["result"]["result"]
     counts: dict[str, int] = {}
     for t in tasks:
-        if name_part in t.get("name", "") and t.get("node_id"):
+        if t.get("job_id") == job.job_id and name_part in t.get("name", "") and t.get("node_id"):
             counts[t["node_id"]] = counts.get(t["node_id"], 0) + 1
     return counts
 

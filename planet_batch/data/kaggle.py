@@ -175,6 +175,22 @@ def _done_marker(dest: Path, archive_name: str) -> Path:
     return dest / DONE_DIR / archive_name
 
 
+def downloaded(dest: Path, name: str, before: set[str]) -> Path | None:
+    """The file the Kaggle API wrote for `name`, as DEST/NAME. The API names a download after its URL and serves
+    large files wrapped in a zip (NAME.zip, kaggle's `_resolve_download_path`): a wrapper is unwrapped here with
+    the checks of any archive, and a single new file of another name is taken as NAME."""
+    target, wrapper = dest / name, dest / f"{name}.zip"
+    if not target.exists() and wrapper.exists() and not name.endswith(".zip"):
+        extract_zip(wrapper, dest, disk_budget(dest))
+        wrapper.unlink()
+    if not target.exists():
+        new = sorted(set(os.listdir(dest)) - before - {DONE_DIR})
+        if len(new) != 1:
+            return None
+        (dest / new[0]).rename(target)
+    return target
+
+
 def fetch_and_extract(dest: Path, archive_name: str, fetch: Callable[[], None]) -> bool:
     """Download (unless the archive is already there) and extract one archive; False when already done."""
     marker = _done_marker(dest, archive_name)
@@ -184,9 +200,12 @@ def fetch_and_extract(dest: Path, archive_name: str, fetch: Callable[[], None]) 
     archive = dest / archive_name
     if not archive.exists():
         log.info("downloading %s", archive_name)
+        before = set(os.listdir(dest))
         fetch()
-        if not archive.exists():
-            raise KaggleError(f"the Kaggle API reported success but {archive} is not there")
+        if downloaded(dest, archive_name, before) is None:
+            new = sorted(set(os.listdir(dest)) - before)
+            raise KaggleError(f"the Kaggle API reported success but wrote no {archive_name} into {dest} (new there: "
+                              f"{', '.join(new) or 'nothing'})")
     log.info("extracting %s", archive_name)
     extract(archive, dest)
     marker.parent.mkdir(parents=True, exist_ok=True)

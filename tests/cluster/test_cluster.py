@@ -108,7 +108,7 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     kept = committed()
     assert not out.exists() and kept < 750
     with two_node_cluster(tmp_path / "second", worker_node=False) as c:
-        logs = run_job(c, command)
+        logs = run_job(c, command).logs
     assert f"{kept} of 750 images already scored" in logs, logs[-3000:]
     summary = json.loads((out.parent / "score_summary.json").read_text())
     assert summary["resumed_images"] == kept and summary["scored_images"] == 750 - kept, (summary, job)
@@ -131,7 +131,7 @@ def test_requests_without_the_token_are_refused(cluster):
 def test_score_job_on_the_cluster(cluster, demo_root, tmp_path):
     export = tiny_export(tmp_path / "export")
     out = tmp_path / "submission.csv"
-    logs = run_job(cluster, f"python jobs/score.py --model {export} --data {demo_root} --out {out} --batch-size 8")
+    logs = run_job(cluster, f"python jobs/score.py --model {export} --data {demo_root} --out {out} --batch-size 8").logs
     assert f"submission: {out}" in logs
     assert check_submission(out, demo_root / "sample_submission_v2.csv") == []
 
@@ -139,14 +139,15 @@ def test_score_job_on_the_cluster(cluster, demo_root, tmp_path):
 def test_train_job_spreads_workers_over_both_nodes(cluster, demo_root, tmp_path):
     run = tmp_path / "run"
     stages = '[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]'
-    logs = run_job(cluster, (
+    job = run_job(cluster, (
         f"python jobs/train.py --config jobs/configs/demo.yaml --data {demo_root} --out {run} "
         f"--set 'stages={stages}' --set batch_size=16 --set placement_strategy=STRICT_SPREAD"
     ))
-    assert f"export: {run / 'export'}" in logs
+    assert f"export: {run / 'export'}" in job.logs
     assert (run / "export" / "model.json").exists() and (run / "metrics.csv").exists()
     workers = get_json(cluster, "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name"
                                 "&filter_predicates=%3D&filter_values=RayTrainWorker")["data"]["result"]["result"]
+    workers = [w for w in workers if w["job_id"] == job.job_id]
     assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers
 
 
@@ -205,7 +206,7 @@ def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_
         on_s3 = s3fs(s3_env).get_file_info(pafs.FileSelector("planet/ray-train", recursive=True))
         assert any(f.path.endswith("state.pt") for f in on_s3), [f.path for f in on_s3]  # the checkpoints are there
         with two_node_cluster(tmp_path / "second", env=env, worker_node=False) as c:  # (its head alone: quicker)
-            logs = run_job(c, command)
+            logs = run_job(c, command).logs
     assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in logs, logs[-3000:]
     assert "stage s1:" not in logs
     epochs = [line.split(",")[:2] for line in (run / "metrics.csv").read_text().splitlines()[1:]]

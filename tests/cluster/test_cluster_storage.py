@@ -8,6 +8,7 @@ task that opens a data file there fails. With a local data root the reads must s
 import json
 
 import numpy as np
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 from clusters import can_unshare, get_json, run_job, s3_server, s3fs, tasks_by_node, two_node_cluster, upload
@@ -16,6 +17,7 @@ from reference import plain_probs, tiny_export
 from planet_batch.data.demo_data import write_demo_data
 from planet_batch.data.labels import TAGS
 from planet_batch.data.submission import check_submission
+from planet_batch.training.run_folder import run_name
 
 pytestmark = [
     pytest.mark.ray,
@@ -53,7 +55,7 @@ def test_the_worker_node_really_cannot_see_the_data(split_disk):
             f".remote('{split_disk['data']}'))); "
             f"print('WORKER', ray.get(ls.options(scheduling_strategy=N('{split_disk['worker_id']}', False))"
             f".remote('{split_disk['data']}')))")
-    logs = run_job(split_disk, f'python -c "{code}"')
+    logs = run_job(split_disk, f'python -c "{code}"').logs
     head = next(line for line in logs.splitlines() if line.startswith("HEAD "))
     assert "'train-jpg'" in head and "'test-jpg'" in head and "'train_v2.csv'" in head, head
     assert "WORKER []" in logs
@@ -61,8 +63,8 @@ def test_the_worker_node_really_cannot_see_the_data(split_disk):
 
 def test_score_reads_local_data_on_its_node_and_scores_on_both(split_disk, tmp_path):
     data, out = split_disk["data"], tmp_path / "submission.csv"
-    logs = score_job(split_disk, data, out, f"--probs-out {tmp_path / 'probs.parquet'}")
-    assert "data is local to node" in logs
+    job = score_job(split_disk, data, out, f"--probs-out {tmp_path / 'probs.parquet'}")
+    assert "data is local to node" in job.logs
     sample = data / "sample_submission_v2.csv"
     assert check_submission(out, sample) == []
     probs = pq.read_table(tmp_path / "probs.parquet").to_pandas()
@@ -70,10 +72,11 @@ def test_score_reads_local_data_on_its_node_and_scores_on_both(split_disk, tmp_p
     paths = [data / ("test-jpg" if n.startswith("test_") else "test-jpg-additional") / f"{n}.jpg" for n in names]
     np.testing.assert_allclose(probs[list(TAGS)].to_numpy(), plain_probs(split_disk["export"], paths, SIZE),
                                atol=1e-5)
-    # From Ray's own state: every read ran on the head, and the worker node's actors scored batches.
-    reads = tasks_by_node(split_disk, "ReadBinary")
+    # From Ray's own state, this job's tasks only: every read ran on the head, and the worker node's actors
+    # scored batches.
+    reads = tasks_by_node(split_disk, "ReadBinary", job)
     assert set(reads) == {split_disk["head_id"]}, reads
-    scored = tasks_by_node(split_disk, "Predictor")
+    scored = tasks_by_node(split_disk, "Predictor", job)
     assert scored.get(split_disk["worker_id"], 0) > 0, scored
     summary = json.loads((tmp_path / "score_summary.json").read_text())
     print(f"2 nodes, data on the head only: {summary['images_per_s']} images/s")
@@ -83,17 +86,17 @@ def test_score_from_and_to_s3_equals_the_local_run(split_disk, tmp_path):
     local = tmp_path / "local.csv"
     score_job(split_disk, split_disk["data"], local)
     out_uri = "s3://planet/out/submission.csv"
-    logs = score_job(split_disk, split_disk["data_uri"], out_uri, "--probs-out s3://planet/out/probs.parquet")
-    assert f"submission: {out_uri}" in logs and "data is local" not in logs
+    job = score_job(split_disk, split_disk["data_uri"], out_uri, "--probs-out s3://planet/out/probs.parquet")
+    assert f"submission: {out_uri}" in job.logs and "data is local" not in job.logs
     fs = s3fs(split_disk["s3"])
     with fs.open_input_stream("planet/out/submission.csv") as f:
         assert f.read() == local.read_bytes()
     summary = json.loads(fs.open_input_stream("planet/out/score_summary.json").read())
     assert summary["images"] == 200 and summary["output"] == out_uri
     assert fs.get_file_info("planet/out/probs.parquet").size > 0
-    reads = tasks_by_node(split_disk, "ReadBinary")
+    reads = tasks_by_node(split_disk, "ReadBinary", job)
     assert reads.get(split_disk["worker_id"], 0) > 0, reads  # read from S3 on the node without the data folder
-    assert tasks_by_node(split_disk, "Predictor").get(split_disk["worker_id"], 0) > 0
+    assert tasks_by_node(split_disk, "Predictor", job).get(split_disk["worker_id"], 0) > 0
     print(f"2 nodes, data on S3: {summary['images_per_s']} images/s")
 
 
@@ -102,7 +105,7 @@ def test_train_runs_every_epoch_with_a_worker_on_each_node(split_disk, tmp_path,
     run = tmp_path / "run"
     data = split_disk["data"] if where == "local" else split_disk["data_uri"]
     storage = "" if where == "local" else "--storage s3://planet/ray-train"  # checkpoints on S3 too
-    run_job(split_disk, (
+    job = run_job(split_disk, (
         f"python jobs/train.py --config jobs/configs/demo.yaml --data {data} --out {run} {storage} "
         f"--set 'stages={STAGE}' --set batch_size=16 --set placement_strategy=STRICT_SPREAD"
     ))
@@ -111,6 +114,11 @@ def test_train_runs_every_epoch_with_a_worker_on_each_node(split_disk, tmp_path,
     assert (run / "export" / "model.json").exists()
     workers = get_json(split_disk, "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name"
                                    "&filter_predicates=%3D&filter_values=RayTrainWorker")["data"]["result"]["result"]
-    assert {w["node_id"] for w in workers} == {split_disk["head_id"], split_disk["worker_id"]}, workers
+    workers = [w for w in workers if w["job_id"] == job.job_id]  # this job's, not an earlier one's
+    assert len(workers) == 2 and {w["node_id"] for w in workers} == {split_disk["head_id"], split_disk["worker_id"]}
     if where == "local":
-        assert set(tasks_by_node(split_disk, "load_labelled_batch")) == {split_disk["head_id"]}
+        assert set(tasks_by_node(split_disk, "load_labelled_batch", job)) == {split_disk["head_id"]}
+    else:  # the checkpoints went to the bucket, under this run's Ray Train run folder
+        prefix = f"planet/ray-train/{run_name(run.resolve())}"
+        on_s3 = s3fs(split_disk["s3"]).get_file_info(pafs.FileSelector(prefix, recursive=True, allow_not_found=True))
+        assert any(f.path.endswith("/state.pt") for f in on_s3), [f.path for f in on_s3]

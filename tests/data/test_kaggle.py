@@ -1,11 +1,13 @@
 """The Kaggle round trip against a fake at the KaggleApi boundary (no network here), on real archives."""
 
+import inspect
 import io
 import json
 import logging
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import py7zr
 import pytest
@@ -36,21 +38,44 @@ def build_competition_archives(demo_root, out):
 
 
 class FakeKaggleApi:
-    """Stands where kaggle.api.kaggle_api_extended.KaggleApi stands; serves prepared archives."""
+    """Stands where kaggle.api.kaggle_api_extended.KaggleApi stands, with its methods' signatures
+    (test_the_fake_has_the_real_signatures), and writes as it does: a competition file under the name of its
+    download URL (kaggle's own `_resolve_download_path`), large files wrapped in a zip (`NAME.zip`)."""
+
+    WRAPPED = ("train-jpg.tar.7z", "test-jpg.tar.7z")  # served as NAME.zip, as Kaggle serves large files
 
     def __init__(self, archives):
         self.archives, self.calls = archives, []
 
-    def competition_download_file(self, competition, file_name, path=None, quiet=False, **kw):
+    def competition_download_file(self, competition, file_name, path=None, force=False, quiet=False, unzip=False):
+        from kaggle.api.kaggle_api_extended import _resolve_download_path
+
         self.calls.append(("competition_download_file", competition, file_name))
-        shutil.copy(self.archives / file_name, path)
+        wrapped = file_name in self.WRAPPED
+        url = f"https://storage.example/{competition}/{file_name}{'.zip' if wrapped else ''}?X-Goog-Signature=abc"
+        outfile = Path(_resolve_download_path(path, file_name, url))
+        if wrapped:
+            with zipfile.ZipFile(outfile, "w") as zf:
+                zf.write(self.archives / file_name, file_name)
+        else:
+            shutil.copy(self.archives / file_name, outfile)
 
-    def dataset_download_files(self, dataset, path=None, quiet=True, unzip=False, **kw):
+    def dataset_download_files(self, dataset, path=None, force=False, quiet=True, unzip=False, licenses=[]):  # noqa: B006
         self.calls.append(("dataset_download_files", dataset))
-        shutil.copy(self.archives / "planets-dataset.zip", path)
+        shutil.copy(self.archives / "planets-dataset.zip", Path(path) / f"{dataset.split('/')[-1]}.zip")
 
-    def competition_submit(self, file_name, message, competition, quiet=False, **kw):
+    def competition_submit(self, file_name, message, competition, quiet=False, sandbox=False):
         self.calls.append(("competition_submit", file_name, message, competition))
+
+
+def test_the_fake_has_the_real_signatures():
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    def params(f):
+        return [(p.name, p.kind, p.default) for p in inspect.signature(f).parameters.values()]
+
+    for name in ("competition_download_file", "dataset_download_files", "competition_submit"):
+        assert params(getattr(FakeKaggleApi, name)) == params(getattr(KaggleApi, name)), name
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import pytest
 import torch
 from reference import plain_probs, tiny_export
 
-from planet_batch.cluster.runtime import fault_file
+from planet_batch.cluster.runtime import FAULT_DIR_ENV, fault_file
 from planet_batch.config import ScoreConfig
 from planet_batch.data.demo_data import write_demo_data
 from planet_batch.data.labels import TAGS, decode
@@ -337,7 +337,33 @@ def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_a_stall_fails_loudly_and_keeps_the_shards(tmp_path, monkeypatch):
+def test_a_stall_fails_loudly_keeps_the_shards_and_a_rerun_resumes(demo_root, export_dir, tmp_path):
+    """The only predictor actor hangs at its fourth batch (a cluster that cannot place the work looks the same to
+    the driver: no new shard): after --stall-timeout, one error line, exit 2, no submission, the committed shards
+    kept; the same command again resumes from them and finishes."""
+    out, faults = tmp_path / "out" / "submission.csv", tmp_path / "faults"
+    out.parent.mkdir()
+    faults.mkdir()
+    fault_file(faults, "score:batch:3", "hang").touch()
+    cmd = score_cmd(export_dir, demo_root, out, "--actors", "1", "--batch-size", "8", "--shard-rows", "8",
+                    "--stall-timeout", "6")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
+    stalled = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert fault_file(faults, "score:batch:3", "hanging").exists(), stalled.stderr[-2000:]
+    errors = [line for line in stalled.stderr.splitlines() if "error:" in line]
+    assert stalled.returncode == 2 and len(errors) == 1, stalled.stderr[-2000:]
+    assert errors[0].startswith("planet-batch score: error: no new shard in 6 s (") and "rerun" in errors[0]
+    assert "Traceback" not in stalled.stderr and not out.exists()
+    kept = committed_rows(out.parent / "submission.csv.parts")
+    assert 0 < kept < 40, kept
+
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"resuming: {kept} of 40 images already scored" in again.stderr
+    assert check_submission(out, demo_root / "sample_submission_v2.csv") == []
+
+
+def test_the_stall_watch_interrupts_the_write_even_when_sigint_was_ignored(tmp_path, monkeypatch):
     from planet_batch.scoring.score import ShardProgress
 
     class Frozen:  # a work folder whose shards stopped coming (a cluster that cannot place the work)
