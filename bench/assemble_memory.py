@@ -5,7 +5,9 @@
 
 Each size gets synthetic shards (1,000 rows each, rows shuffled across shards, as the scoring actors
 leave them) written by one process, then a fresh process assembles them into the submission's order
-and writes submission.csv and the probabilities Parquet, reporting its peak RSS. The last line is JSON.
+and writes submission.csv and the probabilities Parquet, reporting its peak RSS and its growth above the
+RSS it had after its imports (`growth_mb`: what the assembly itself holds). `--in-memory` measures the same
+for the obvious alternative, every shard read into one table and sorted, for comparison. The last line is JSON.
 """
 
 import argparse
@@ -46,11 +48,16 @@ def make_shards(folder: Path, n: int) -> None:
         }), folder / f"w_{k:06d}-0.parquet")
 
 
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def assemble_once(n: int, part_rows: int, tmp: Path) -> dict:
     """Assemble and write the outputs as `planet-batch score` does, streaming; the order is streamed too."""
     from planet_batch.config import ScoreConfig
     from planet_batch.scoring.score import write_outputs
 
+    baseline = rss_mb()
     t0 = time.perf_counter()
     order = (names(lo, min(lo + 65_536, n)) for lo in range(0, n, 65_536))
     shards = [locate(p) for p in sorted((tmp / "shards").glob("*.parquet"))]
@@ -60,7 +67,19 @@ def assemble_once(n: int, part_rows: int, tmp: Path) -> dict:
     lines = sum(1 for _ in (tmp / "submission.csv").open())
     assert lines == n + 1, lines
     return {"images": n, "part_rows": part_rows, "seconds": round(time.perf_counter() - t0, 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+            "peak_rss_mb": round(rss_mb(), 1), "growth_mb": round(rss_mb() - baseline, 1),
+            "arrow_peak_mb": round(pa.default_memory_pool().max_memory() / 2**20, 1)}
+
+
+def in_memory_once(n: int, tmp: Path) -> dict:
+    """The alternative the streaming assembly replaces: every shard in one Arrow table, sorted by name."""
+    baseline = rss_mb()
+    table = pa.concat_tables(pq.read_table(p) for p in sorted((tmp / "shards").glob("*.parquet")))
+    table = table.sort_by("image_name")
+    assert table.num_rows == n
+    return {"images": n, "in_memory": True, "peak_rss_mb": round(rss_mb(), 1),
+            "growth_mb": round(rss_mb() - baseline, 1),
+            "arrow_peak_mb": round(pa.default_memory_pool().max_memory() / 2**20, 1)}
 
 
 def measure(n: int, part_rows: int, tmp: Path) -> dict:
@@ -77,9 +96,12 @@ def main():
     p.add_argument("--make", type=int, help=argparse.SUPPRESS)
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--tmp", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--in-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.make:
         make_shards(args.tmp / "shards", args.make)
+    elif args.one and args.in_memory:
+        print(json.dumps(in_memory_once(args.one, args.tmp)))
     elif args.one:
         print(json.dumps(assemble_once(args.one, args.part_rows, args.tmp)))
     else:
