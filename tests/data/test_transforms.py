@@ -84,10 +84,14 @@ def test_decode_batch_marks_or_raises():
         decode_batch(batch, 32)
 
 
-def test_dihedral_gives_8_distinct_views():
-    img = np.arange(4 * 4 * 3, dtype=np.uint8).reshape(4, 4, 3)
-    views = {dihedral(img, k).tobytes() for k in range(8)}
-    assert len(views) == 8
+def test_dihedral_gives_the_8_symmetries_of_the_square_on_images_and_batches():
+    from reference import square_views
+
+    batch = np.random.default_rng(0).integers(0, 255, (3, 5, 5, 3), dtype=np.uint8)  # odd size: no lucky centre
+    pillow = sorted(v.tobytes() for v in square_views(batch))
+    assert sorted(np.ascontiguousarray(dihedral(batch, k)).tobytes() for k in range(8)) == pillow
+    for k in range(8):  # a batch is its images, each turned the same way
+        np.testing.assert_array_equal(dihedral(batch, k), np.stack([dihedral(im, k) for im in batch]))
 
 
 def test_augment_keeps_shape_and_changes_pixels():

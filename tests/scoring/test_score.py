@@ -158,7 +158,10 @@ def test_killed_actor_loses_and_duplicates_nothing(ray_local, demo_root, export_
     assert check_submission(tmp_path / "submission.csv", demo_root / "sample_submission_v2.csv") == []
 
 
-def test_bad_model_or_data_fail_before_ray_work(demo_root, export_dir, tmp_path):
+def test_bad_model_or_data_fail_before_ray_work(demo_root, export_dir, tmp_path, monkeypatch):
+    import planet_batch.scoring.score as scoring
+
+    monkeypatch.setattr(scoring, "ensure_ray", lambda: pytest.fail("Ray was started for a job that cannot run"))
     with pytest.raises(ExportError, match="model.json is missing"):
         score(tmp_path, tmp_path, data=str(demo_root))
     old = tmp_path / "old"
