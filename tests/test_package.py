@@ -32,3 +32,19 @@ def test_every_torch_load_refuses_pickled_objects():
               if not any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
                          for k in c.keywords)]
     assert unsafe == [], f"torch.load without weights_only=True: {unsafe}"
+
+
+def test_every_test_docs_reliability_names_exists():
+    """docs/reliability.md's last column names the tests that prove each row (`file::test`, then `::test` for more
+    of the same file): each must be a test of that file."""
+    import re
+
+    text = (PACKAGE.parent / "docs" / "reliability.md").read_text()
+    named, missing, current = 0, [], None
+    for m in re.finditer(r"`(tests/[\w/]+\.py)?(?:::(\w+))?(?:\[[\w-]+\])?`", text):
+        current = m.group(1) or current
+        if m.group(2):
+            named += 1
+            if f"def {m.group(2)}(" not in (PACKAGE.parent / current).read_text():
+                missing.append(f"{current}::{m.group(2)}")
+    assert named > 30 and missing == [], missing
