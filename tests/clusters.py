@@ -40,11 +40,14 @@ def start(args, env, log, wrap=None):
                             start_new_session=True)
 
 
-def stop(proc):
-    """Stop a `ray start --block` and everything it started; a no-op when it is already gone."""
+def stop(proc, grace_s: float = 5.0):
+    """Stop a `ray start --block` and everything it started; a no-op when it is already gone.
+
+    A worker node's exits within about a second of SIGTERM; a head's never did within 30 s (every cluster of
+    the suite waited that long), so after `grace_s` its group is killed."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
+        proc.wait(timeout=grace_s)
     except subprocess.TimeoutExpired:
         pass
     except ProcessLookupError:
@@ -72,10 +75,12 @@ def hidden(folder: Path, args: list[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = None, worker_node: bool = True):
+def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = None, worker_node: bool = True,
+                     head_cpus: int = 2):
     """A head and a worker node on 127.0.0.1; yields what the tests need, stops both on exit.
 
-    `worker_node=False`: the head alone, the single-node baseline of bench/cluster_score.py.
+    `worker_node=False`: the head alone, the single-node baseline of bench/cluster_score.py. `head_cpus`: the
+    head's logical CPUs (the worker node has 2).
     `hide`: a folder the worker node does not see (its own mount namespace), as on a cluster whose
     nodes share no disk. `env`: extra environment for every node (and so for jobs and workers).
     """
@@ -90,11 +95,11 @@ def two_node_cluster(tmp: Path, hide: Path | None = None, env: dict | None = Non
     procs = []
     try:
         procs.append(start(["--head", "--node-ip-address=127.0.0.1", f"--port={gcs}", "--dashboard-host=127.0.0.1",
-                            f"--dashboard-port={dash}", "--num-cpus=2", f"--temp-dir={ray_tmp}"],
+                            f"--dashboard-port={dash}", f"--num-cpus={head_cpus}", f"--temp-dir={ray_tmp}"],
                            env, (tmp / "head.log").open("w")))
         url = f"http://127.0.0.1:{dash}"
         wait_for(lambda: http_status(f"{url}/api/version", token) == 200, 60, "the head's job API")
-        cluster = {"url": url, "token": token, "env": env, "tmp": tmp, "head": procs[0]}
+        cluster = {"url": url, "token": token, "env": env, "tmp": tmp, "head": procs[0], "gcs": f"127.0.0.1:{gcs}"}
         if worker_node:
             worker = [f"--address=127.0.0.1:{gcs}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
             wrap = (lambda args: hidden(hide, args)) if hide else None

@@ -187,10 +187,36 @@ def read_placement(data: Location, shared: bool, what: str = "data") -> dict[str
     if not data.local or shared:
         return None
     node = ray.get_runtime_context().get_node_id()
-    if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == node), 0.0)
+    if cpus <= 0:  # (a head started with --num-cpus=0, as Ray advises for large clusters)
+        raise StorageError(f"{what} {data} is local to node {node[:12]}, which has no CPU for the tasks that read it: "
+                           "put it on s3:// (or pass --data-shared for a path every node mounts), or give that node "
+                           "CPUs")
+    if len(alive) > 1:
         log.info("%s is local to node %s: its tasks run there; put it on s3:// (or pass --data-shared for a path "
                  "every node mounts) to use it from every node", what, node[:12])
     return {NODE_ID_LABEL: node}
+
+
+def elsewhere(placement: dict[str, str] | None, resource: str = "CPU") -> tuple[dict, dict]:
+    """Where long-lived actors should run beside tasks pinned to one node (`placement`): on the other nodes when
+    they have `resource`, so that the actors cannot take the CPUs the pinned tasks need (scoring with the data on
+    a 1-CPU head stalled with its actors there: tests/cluster/test_cluster_storage.py), and on the pinned node
+    only when no other node is left (a lost node's actors restart there, as they did before). Ray's actor
+    options for that (label_selector with its fallback_strategy; none: anywhere) and the resources the actors
+    share."""
+    import ray
+
+    if placement is None:
+        return {}, ray.cluster_resources()
+    node = placement[NODE_ID_LABEL]
+    others = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != node
+              and n["Resources"].get(resource, 0.0) > 0]
+    if not others:  # one node (a local Ray): everything shares it
+        return {}, ray.cluster_resources()
+    return ({"label_selector": {NODE_ID_LABEL: f"!{node}"}, "fallback_strategy": [{"label_selector": placement}]},
+            {k: sum(r.get(k, 0.0) for r in others) for k in ("CPU", "GPU")})
 
 
 def _umask() -> int:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from planet_batch.cluster.runtime import ProgressLine, ensure_ray, interrupt_main, quiet_data_progress, sigint_kept
-from planet_batch.cluster.storage import Location, StorageError, existing_dir, locate, read_placement
+from planet_batch.cluster.storage import Location, StorageError, elsewhere, existing_dir, locate, read_placement
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.data.labels import decode
 from planet_batch.data.layout import LayoutError, find_layout, submission_order, test_images
@@ -128,10 +128,12 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
 def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], sources: list[Location],
                      placement: dict | None, n_images: int, where: str):
     """files (folders, or the files still to score) -> read+decode tasks (on the data's node when only it has
-    the files) -> predictor actors. Returns the dataset and the actors' mode."""
+    the files) -> predictor actors (then on the other nodes: the pinned tasks keep that node's CPUs). Returns the
+    dataset and the actors' mode."""
     import ray
 
-    actors = cfg.actors or default_actors(ray.cluster_resources(), cfg.gpus_per_actor)
+    actor_options, room = elsewhere(placement, "GPU" if cfg.gpus_per_actor else "CPU")
+    actors = cfg.actors or default_actors(room, cfg.gpus_per_actor)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
     mode = actor_mode(cfg, n_images / actors)
     log.info("scoring %d images from %s with %s on %d actor(s), %d torch threads each, %s%s%s", n_images, where,
@@ -158,6 +160,7 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
         # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
         # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor
         # stops delivering, and the stall timeout fails the job.
+        **actor_options,
     )
 
 
