@@ -13,9 +13,8 @@ tag_sets = st.lists(st.sampled_from(TAGS), min_size=1, max_size=5, unique=True)
 junk_tags = st.lists(st.sampled_from([*TAGS, "foggy", "Clear", "primary,", ""]), min_size=0, max_size=4)
 
 
-@st.composite
-def label_files(draw):
-    rows = draw(st.lists(st.tuples(names, st.one_of(tag_sets, junk_tags)), min_size=0, max_size=12))
+def csv_text(draw, rows, extra_lines) -> str:
+    """`rows` as a label file: either quoting, padded fields, and one of `extra_lines` after some rows."""
     buf = io.StringIO()
     writer = csv.writer(buf, quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])), lineterminator="\n")
     writer.writerow(["image_name", "tags"])
@@ -23,8 +22,14 @@ def label_files(draw):
         pad = draw(st.sampled_from(["", " ", "  "]))
         writer.writerow([pad + name + pad, pad + " ".join(tags) + pad])
         if draw(st.booleans()):
-            buf.write(draw(st.sampled_from(["\n", "  \n", ",\n"])))  # blank or empty-field lines
-    text = buf.getvalue()
+            buf.write(draw(st.sampled_from(extra_lines)))
+    return buf.getvalue()
+
+
+@st.composite
+def label_files(draw):
+    rows = draw(st.lists(st.tuples(names, st.one_of(tag_sets, junk_tags)), min_size=0, max_size=12))
+    text = csv_text(draw, rows, ["\n", "  \n", ",\n"])  # blank or empty-field lines
     expected = [(name, tuple(t for t in tags if t)) for name, tags in rows]
     return (draw(st.sampled_from(["", "\ufeff"])) + text, draw(st.sampled_from(["utf-8", "latin-1", "utf-16"])),
             expected)
@@ -56,15 +61,8 @@ def valid_label_files(draw):
     """Files that must be accepted: known tags, unique names, UTF-8 (with or without BOM), padding, either quoting,
     blank lines."""
     rows = draw(st.lists(st.tuples(names, tag_sets), min_size=1, max_size=12, unique_by=lambda r: r[0]))
-    buf = io.StringIO()
-    writer = csv.writer(buf, quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])), lineterminator="\n")
-    writer.writerow(["image_name", "tags"])
-    for name, tags in rows:
-        pad = draw(st.sampled_from(["", " ", "  "]))
-        writer.writerow([pad + name + pad, pad + " ".join(tags) + pad])
-        if draw(st.booleans()):
-            buf.write(draw(st.sampled_from(["\n", "  \n"])))
-    return draw(st.sampled_from(["", "\ufeff"])) + buf.getvalue(), [(n, tuple(t)) for n, t in rows]
+    text = csv_text(draw, rows, ["\n", "  \n"])
+    return draw(st.sampled_from(["", "\ufeff"])) + text, [(n, tuple(t)) for n, t in rows]
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
