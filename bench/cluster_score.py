@@ -1,6 +1,6 @@
 """Scoring on a 2-node cluster by where the data lives, against one node: one run of each, same machine.
 
-    python bench/cluster_score.py --n-images 2000 [--arch resnet34 --size 128]
+    python -m bench.cluster_score --n-images 2000 [--arch resnet34 --size 128]
 
 Four jobs through Ray's job API (token auth on), each scoring the same N generated 256x256 JPEGs
 (`--images`): (1) one node; (2) two nodes, data on the head only (the worker node runs in its own

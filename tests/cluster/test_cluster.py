@@ -61,8 +61,11 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
         # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
         wait_for(lambda: len(predictors(c)) >= 2 or jobs.get_job_status(job) in ended, 150, "scoring actors")
         time.sleep(5)
-        nodes = len({a["node_id"] for a in predictors(c)})
+        held = {a["node_id"] for a in predictors(c)}
+        nodes = len(held)
         assert jobs.get_job_status(job) not in ended, jobs.get_job_logs(job)[-3000:]
+        # The node to be lost holds scoring actors (with the data local to the head, they all run there).
+        assert c["worker_id"] in held, held
         stop(c["worker"])
         wait_for(lambda: jobs.get_job_status(job) in ended, 240, "the job's end")
         status, logs = jobs.get_job_status(job), jobs.get_job_logs(job)
