@@ -13,9 +13,11 @@ travel to the workers in memory only, and nothing here writes the URI or them in
 
 from __future__ import annotations
 
+import http
 import json
 import logging
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Iterable
@@ -46,8 +48,8 @@ class TrackingError(PlanetBatchError, RuntimeError):
 def safe_uri(uri: str) -> str:
     """The tracking URI as it may be printed: without user, password or query."""
     parts = urllib.parse.urlsplit(uri)
-    return parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname
-                          else parts.netloc, query="", fragment="").geturl()
+    host = parts.hostname and parts.hostname + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=host or parts.netloc, query="", fragment="").geturl()
 
 
 def reason(e: BaseException, uri: str) -> str:
@@ -55,10 +57,10 @@ def reason(e: BaseException, uri: str) -> str:
     text = first_line(e)
     for secret in {uri, urllib.parse.urlsplit(uri).netloc} - {""}:
         text = text.replace(secret, safe_uri(uri) if secret == uri else "<server>")
-    for known in ("Connection refused", "Name or service not known", "timed out", "401", "403", "404"):
-        if known in text:
-            return {"401": "401 Unauthorized", "403": "403 Forbidden", "404": "404 Not Found"}.get(known, known)
-    return text[:200]
+    if status := re.search(r"error code (\d{3})", text):  # MLflow's "... failed with error code 403 != 200"
+        return f"{status[1]} {http.HTTPStatus(int(status[1])).phrase}"
+    known = next((k for k in ("Connection refused", "Name or service not known", "timed out") if k in text), None)
+    return known or text[:200]
 
 
 def flat_params(data: dict, prefix: str = "") -> dict[str, str]:

@@ -34,8 +34,10 @@ def test_uris_and_errors_are_printed_without_credentials():
     uri = "https://bob:hunter2@mlflow.example.com:5000/prefix?token=abc"
     assert safe_uri(uri) == "https://mlflow.example.com:5000/prefix"
     assert safe_uri("databricks") == "databricks"
-    error = OSError(f"API request to {uri}/api/2.0/mlflow/runs/create failed: 403 != 200")
+    error = OSError(f"API request to endpoint {uri}/api/2.0/mlflow/runs/create failed with error code 403 != 200")
     assert reason(error, uri) == "403 Forbidden"
+    assert reason(OSError("Max retries exceeded with url /api (port 54017): Connection refused"), uri) == (
+        "Connection refused")
     odd = RuntimeError("something at bob:hunter2@mlflow.example.com:5000 broke")
     assert "hunter2" not in reason(odd, uri)
 
