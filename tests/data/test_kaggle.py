@@ -1,11 +1,13 @@
 """The Kaggle round trip against a fake at the KaggleApi boundary (no network here), on real archives."""
 
+import http.server
 import inspect
 import io
 import json
 import logging
 import shutil
 import tarfile
+import threading
 import zipfile
 from pathlib import Path
 
@@ -263,3 +265,78 @@ def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
     extract(archive, dest, limit=200 << 20)
     assert (dest / "train-jpg" / "zeros.jpg").stat().st_size == 64 << 20
     assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))
+
+
+class KaggleStandIn(http.server.BaseHTTPRequestHandler):
+    """The Kaggle API as kagglesdk calls it in its LOCAL environment (http://localhost/api/v1/SERVICE/METHOD): the
+    download RPC answers with a redirect to a signed storage URL, large files wrapped in a zip, as Kaggle serves
+    them."""
+
+    archives: Path
+    seen: list
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
+        type(self).seen.append((self.path, self.headers.get("Authorization"), body))
+        name = body.get("fileName", "")
+        if self.path != "/api/v1/competitions.CompetitionApiService/DownloadDataFile" or not name:
+            self.send_response(404)
+            self.end_headers()
+            return
+        wrapped = name in FakeKaggleApi.WRAPPED
+        self.send_response(302)
+        self.send_header("Location", f"/storage/{name}{'.zip' if wrapped else ''}?X-Goog-Signature=abc")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def do_GET(self):  # noqa: N802
+        name = self.path.split("?")[0].removeprefix("/storage/")
+        source = self.archives / name.removesuffix(".zip") if name.endswith(".7z.zip") else self.archives / name
+        data = source.read_bytes()
+        if name.endswith(".7z.zip"):
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w") as zf:
+                zf.writestr(source.name, data)
+            data = buf.getvalue()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_real_client_authenticates_and_downloads_from_a_stand_in_for_the_api(demo_root, tmp_path, monkeypatch,
+                                                                                 caplog, capsys):
+    """The real KaggleApi (credentials from the environment, authenticate, kagglesdk's HTTP client, its naming
+    of files after the URL) against a local server, through the kaggle CLI's own `--local` switch (its
+    KaggleEnv.LOCAL endpoint, http://localhost)."""
+    import base64
+
+    from kaggle.api.kaggle_api_extended import KaggleApi
+
+    handler = type("Handler", (KaggleStandIn,), {"archives": build_competition_archives(demo_root, tmp_path / "k"),
+                                                  "seen": []})
+    try:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 80), handler)
+    except OSError:
+        pytest.skip("port 80 (kagglesdk's LOCAL endpoint) is taken or needs root")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(KaggleApi, "args", ["--local"])
+    monkeypatch.setenv("KAGGLE_USERNAME", "someone")
+    monkeypatch.setenv("KAGGLE_KEY", SECRET)
+    monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(tmp_path / "no-kaggle-json"))
+    caplog.set_level(logging.DEBUG)
+    try:
+        dest = kaggle.download(tmp_path / "planet")
+    finally:
+        server.shutdown()
+    assert [body["fileName"] for _, _, body in handler.seen] == list(COMPETITION_FILES)
+    basic = "Basic " + base64.b64encode(f"someone:{SECRET}".encode()).decode()
+    assert all(auth == basic for _, auth, _ in handler.seen), handler.seen
+    assert find_layout(dest, need=("train", "test")).kind == "competition"
+    assert (dest / "test-jpg" / "test_0.jpg").read_bytes() == (demo_root / "test-jpg" / "test_0.jpg").read_bytes()
+    out = capsys.readouterr()
+    assert SECRET not in caplog.text + out.out + out.err
