@@ -6,7 +6,7 @@ from clusters import s3_server, s3fs, upload
 from reference import tiny_export
 
 from planet_batch.cli import main
-from planet_batch.cluster.storage import NODE_ID_LABEL, StorageError, existing_dir, locate, read_placement
+from planet_batch.cluster.storage import NODE_ID_LABEL, StorageError, elsewhere, existing_dir, locate, read_placement
 from planet_batch.data.datasets import train_valid_split
 from planet_batch.data.layout import find_layout
 from planet_batch.export import load_export
@@ -109,7 +109,7 @@ def test_existing_dir_names_what_it_checks(tmp_path):
 
 
 @pytest.mark.ray
-def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, tmp_path):
+def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, tmp_path, monkeypatch):
     import ray
 
     here = ray.get_runtime_context().get_node_id()
@@ -117,3 +117,10 @@ def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywher
     assert read_placement(locate(f"file://{tmp_path}"), shared=False) == {NODE_ID_LABEL: here}
     assert read_placement(locate(tmp_path), shared=True) is None
     assert read_placement(locate("s3://planet/data"), shared=False) is None
+    # One node: the actors share it with the pinned tasks (there is nowhere else)
+    assert elsewhere({NODE_ID_LABEL: here})[0] == {} and elsewhere(None)[0] == {}
+    # A node with no CPU (a head started with --num-cpus=0) could never run the tasks pinned to it
+    nodes = ray.nodes()
+    monkeypatch.setattr(ray, "nodes", lambda: [{**n, "Resources": {**n["Resources"], "CPU": 0.0}} for n in nodes])
+    with pytest.raises(StorageError, match=f"is local to node {here[:12]}, which has no CPU for the tasks that read"):
+        read_placement(locate(tmp_path), shared=False)
