@@ -175,7 +175,7 @@ def _done_marker(dest: Path, archive_name: str) -> Path:
     return dest / DONE_DIR / archive_name
 
 
-def downloaded(dest: Path, name: str, before: set[str]) -> Path | None:
+def downloaded(dest: Path, name: str, before: set[str]) -> Path:
     """The file the Kaggle API wrote for `name`, as DEST/NAME. The API names a download after its URL and serves
     large files wrapped in a zip (NAME.zip, kaggle's `_resolve_download_path`): a wrapper is unwrapped here with
     the checks of any archive, and a single new file of another name is taken as NAME."""
@@ -186,7 +186,8 @@ def downloaded(dest: Path, name: str, before: set[str]) -> Path | None:
     if not target.exists():
         new = sorted(set(os.listdir(dest)) - before - {DONE_DIR})
         if len(new) != 1:
-            return None
+            raise KaggleError(f"the Kaggle API reported success but wrote no {name} into {dest} (new there: "
+                              f"{', '.join(new) or 'nothing'})")
         (dest / new[0]).rename(target)
     return target
 
@@ -202,10 +203,7 @@ def fetch_and_extract(dest: Path, archive_name: str, fetch: Callable[[], None]) 
         log.info("downloading %s", archive_name)
         before = set(os.listdir(dest))
         fetch()
-        if downloaded(dest, archive_name, before) is None:
-            new = sorted(set(os.listdir(dest)) - before)
-            raise KaggleError(f"the Kaggle API reported success but wrote no {archive_name} into {dest} (new there: "
-                              f"{', '.join(new) or 'nothing'})")
+        downloaded(dest, archive_name, before)
     log.info("extracting %s", archive_name)
     extract(archive, dest)
     marker.parent.mkdir(parents=True, exist_ok=True)
