@@ -219,6 +219,42 @@ def elsewhere(placement: dict[str, str] | None, resource: str = "CPU") -> tuple[
             {k: sum(r.get(k, 0.0) for r in others) for k in ("CPU", "GPU")})
 
 
+def beside_reads(placement: dict[str, str] | None, workers: int, cpus_per_worker: float, gpu: bool = False,
+                 groups: int = 1, autoscale: bool = False) -> list[dict[str, str]] | None:
+    """Ray Train's label selector for each of `workers` when the reads are pinned to one node (`placement`): as many
+    workers as leave DATA_CPUS of that node's CPUs to the reads may run anywhere, the others only on the other
+    nodes; None when all of them fit (one node, a local Ray) or nothing is pinned. On a split-disk cluster whose
+    data node had 1 CPU, SPREAD put a 1-CPU worker there and its decode tasks never got a CPU: training waited
+    without end (tests/cluster/test_cluster_storage.py). `groups`: worker groups side by side (K folds), which
+    share the data node's room. Workers the other nodes cannot hold are one line, before any work (unless the
+    cluster autoscales: new nodes are other nodes)."""
+    import ray
+
+    from planet_batch.cluster.runtime import DATA_CPUS, CapacityError
+
+    if placement is None or workers == 0:
+        return None
+    node = placement[NODE_ID_LABEL]
+    alive = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == node), 0.0)
+    room = max(0, int((cpus - DATA_CPUS) / cpus_per_worker + 1e-9)) // groups  # (1e-9: 0.3 * 3 < 0.9)
+    if room >= workers:
+        return None
+    away = workers - room
+    def held(r: dict) -> int:  # workers a node holds
+        n = int(r.get("CPU", 0.0) / cpus_per_worker + 1e-9)
+        return min(n, int(r.get("GPU", 0.0))) if gpu else n
+
+    fit = sum(held(n["Resources"]) for n in alive if n["NodeID"] != node)
+    if not autoscale and fit < away * groups:
+        raise CapacityError(
+            f"data local to node {node[:12]} ({cpus:g} CPUs, {DATA_CPUS} kept for its reads) leaves room there for "
+            f"{room * groups} of the {workers * groups} workers, and the other nodes hold {fit} of the rest: lower "
+            f"--workers{', --parallel-folds' if groups > 1 else ''} or --cpus-per-worker, or put the data on s3:// "
+            "(or pass --data-shared for a path every node mounts)")
+    return [{}] * room + [{NODE_ID_LABEL: f"!{node}"}] * away
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -106,7 +106,7 @@ def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
 
 
 def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold, tracker: Tracker | None = None,
-               parent: Run | None = None) -> FoldResult:
+               parent: Run | None = None, side_by_side: int = 1) -> FoldResult:
     fold_dir = run_dir / fold.name
     t0 = time.perf_counter()
     export = finished_export(fold_dir, cfg)
@@ -115,7 +115,7 @@ def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold, trac
         seconds = 0.0
     else:
         export = load_export(run_training(cfg, data, fold_dir, split=(fold.train, fold.held_out), fold=fold.name,
-                                          tracker=tracker, parent=parent))
+                                          tracker=tracker, parent=parent, side_by_side=side_by_side))
         seconds = time.perf_counter() - t0
     return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
 
@@ -160,7 +160,7 @@ def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fol
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
     # stays on this machine, and Ray schedules the folds' worker groups side by side.
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
-    futures = [pool.submit(train_fold, cfg, data, run_dir, f, tracker, parent) for f in folds]
+    futures = [pool.submit(train_fold, cfg, data, run_dir, f, tracker, parent, parallel) for f in folds]
     try:
         errors = [f.exception() for f in futures]
     except KeyboardInterrupt:

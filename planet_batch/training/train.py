@@ -24,7 +24,7 @@ from planet_batch.cluster.runtime import (
     torch_threads,
     verbose,
 )
-from planet_batch.cluster.storage import locate, read_placement
+from planet_batch.cluster.storage import beside_reads, locate, read_placement
 from planet_batch.config import TrainConfig, save_config, to_dict
 from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split
 from planet_batch.data.labels import TAGS
@@ -101,11 +101,13 @@ REPORT_POLL_S = 0.25
 
 
 def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage: str, name: str,
-            label_selector: dict[str, str] | None = None, fold: str = "", tracking: Run | None = None):
+            label_selector: dict[str, str] | None = None, worker_selectors: list[dict[str, str]] | None = None,
+            fold: str = "", tracking: Run | None = None):
     """Every stage of `cfg` in one Ray Train run (resumed from its latest checkpoint when it exists); Ray's result.
 
     Every epoch reports a checkpoint; the last epoch of each stage is kept (its weights are `stages/NAME.pt`)
-    with the latest one, which Ray Train always keeps and resumes from."""
+    with the latest one, which Ray Train always keeps and resumes from. `label_selector`: where the reads run;
+    `worker_selectors`: where each worker may (storage.beside_reads)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -135,7 +137,7 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
         )},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker=resources if cfg.workers else None,
-                                     placement_strategy=cfg.placement_strategy),
+                                     placement_strategy=cfg.placement_strategy, label_selector=worker_selectors),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -202,12 +204,13 @@ def finish_run(run: Run | None, run_dir: Path, history: dict, export: Path, log_
 
 def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
                  split: tuple[Split, Split] | None = None, fold: str = "", *, tracker: Tracker | None = None,
-                 parent: Run | None = None) -> Path:
+                 parent: Run | None = None, side_by_side: int = 1) -> Path:
     """Train every stage of `cfg` on the dataset at `data_root` in one Ray Train run; returns the export folder.
     The same command on the same run folder resumes an interrupted run from its latest checkpoint.
     `split`: the (train, validation) images, by default the config's seeded valid_pct split; `fold` names a
     K-fold run's fold in its console lines (planet_batch.training.folds); `tracker`: its MLflow run (nested
-    under `parent`), the same run when it resumes."""
+    under `parent`), the same run when it resumes; `side_by_side`: the worker groups that train at once (K folds).
+    """
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
@@ -222,11 +225,13 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
             check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
         quiet_data_progress()
         reads = read_placement(data, cfg.data_shared)
+        workers_at = beside_reads(reads, cfg.workers, cfg.cpus_per_worker, cfg.gpu, side_by_side, cfg.autoscale)
         save_config(cfg, run_dir / "config.yaml")
         log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
                  fold_prefix(fold), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
         result = fit_run(cfg, init=weights, train=train, valid=valid, storage=ray_storage(cfg, run_dir),
-                         name=run_name(run_dir), label_selector=reads, fold=fold, tracking=run)
+                         name=run_name(run_dir), label_selector=reads, worker_selectors=workers_at, fold=fold,
+                         tracking=run)
         if run is not None and result.metrics.get("tracking_lost"):
             run.lost = True  # rank 0 warned: the job goes on without the server
         final = write_run_folder(run_dir, cfg, result)

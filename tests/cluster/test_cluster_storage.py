@@ -42,6 +42,13 @@ def split_disk(tmp_path_factory):
             yield {**cluster, "data": data, "data_uri": data_uri, "export": export, "s3": s3_env}
 
 
+def train_workers(c, job) -> list[dict]:
+    """This job's Ray Train workers (not an earlier job's), from Ray's state API."""
+    workers = get_json(c, "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name&filter_predicates=%3D"
+                          "&filter_values=RayTrainWorker")["data"]["result"]["result"]
+    return [w for w in workers if w["job_id"] == job.job_id]
+
+
 def score_job(c, data, out, *extra):
     return run_job(c, f"python jobs/score.py --model {c['export']} --data {data} --out {out} --batch-size 16 "
                       "--precision fp32 " + " ".join(extra))
@@ -112,9 +119,7 @@ def test_train_runs_every_epoch_with_a_worker_on_each_node(split_disk, tmp_path,
     epochs = (run / "metrics.csv").read_text().splitlines()[1:]
     assert [line.split(",")[:2] for line in epochs] == [["s1", "0"], ["s1", "1"]]
     assert (run / "export" / "model.json").exists()
-    workers = get_json(split_disk, "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name"
-                                   "&filter_predicates=%3D&filter_values=RayTrainWorker")["data"]["result"]["result"]
-    workers = [w for w in workers if w["job_id"] == job.job_id]  # this job's, not an earlier one's
+    workers = train_workers(split_disk, job)
     assert len(workers) == 2 and {w["node_id"] for w in workers} == {split_disk["head_id"], split_disk["worker_id"]}
     if where == "local":
         assert set(tasks_by_node(split_disk, "load_labelled_batch", job)) == {split_disk["head_id"]}
@@ -124,17 +129,38 @@ def test_train_runs_every_epoch_with_a_worker_on_each_node(split_disk, tmp_path,
         assert any(f.path.endswith("/state.pt") for f in on_s3), [f.path for f in on_s3]
 
 
-def test_a_data_node_with_one_cpu_scores_with_the_actors_elsewhere(tmp_path):
-    """Data on the head only, and the head has 1 CPU: the read and write tasks pinned there get it (the actors
-    go to the other node), where they once waited without end behind actors holding it. (A head with no CPU at
-    all: tests/cluster/test_storage.py.)"""
-    data = write_demo_data(tmp_path / "data", n_train=1, n_test=300, n_additional=60, seed=6)
+@pytest.fixture(scope="module")
+def small_head(tmp_path_factory):
+    """Data on the head only, and the head has 1 CPU (the worker node 2): the tasks pinned to the head need that CPU."""
+    tmp = tmp_path_factory.mktemp("small-head")
+    data = write_demo_data(tmp / "data", n_train=60, n_test=300, n_additional=60, seed=6)
+    with two_node_cluster(tmp, hide=data, head_cpus=1) as cluster:
+        yield {**cluster, "data": data}
+
+
+def test_a_data_node_with_one_cpu_scores_with_the_actors_elsewhere(small_head, tmp_path):
+    """The read and write tasks pinned to the 1-CPU head get its CPU (the actors go to the other node), where they
+    once waited without end behind actors holding it. (A head with no CPU at all: tests/cluster/test_storage.py.)"""
+    c, data = small_head, small_head["data"]
     export = tiny_export(tmp_path / "export", size=SIZE)
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
-    with two_node_cluster(tmp_path, hide=data, head_cpus=1) as c:
-        job = run_job(c, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 "
-                         "--precision fp32 --stall-timeout 60")
-        assert check_submission(out, data / "sample_submission_v2.csv") == []
-        assert set(tasks_by_node(c, "ReadBinary", job)) == {c["head_id"]}
-        assert set(tasks_by_node(c, "Predictor", job)) == {c["worker_id"]}
+    job = run_job(c, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 "
+                     "--precision fp32 --stall-timeout 60")
+    assert check_submission(out, data / "sample_submission_v2.csv") == []
+    assert set(tasks_by_node(c, "ReadBinary", job)) == {c["head_id"]}
+    assert set(tasks_by_node(c, "Predictor", job)) == {c["worker_id"]}
+
+
+def test_a_data_node_with_one_cpu_trains_with_the_workers_elsewhere(small_head, tmp_path):
+    """SPREAD would put one of the two 1-CPU workers on the 1-CPU head, whose decode tasks then never got a CPU
+    (the job waited without end): the workers that leave the data node no CPU for its reads go elsewhere."""
+    c, run = small_head, tmp_path / "run"
+    job = run_job(c, (
+        f"python jobs/train.py --config jobs/configs/demo.yaml --data {c['data']} --out {run} "
+        "--set 'stages=[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]' --set batch_size=8 "
+        "--set workers=2 --set cpus_per_worker=1 --set placement_strategy=SPREAD"
+    ), timeout=300)
+    assert len((run / "metrics.csv").read_text().splitlines()) == 2
+    assert {w["node_id"] for w in train_workers(c, job)} == {c["worker_id"]}
+    assert set(tasks_by_node(c, "load_labelled_batch", job)) == {c["head_id"]}

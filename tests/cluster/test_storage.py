@@ -6,7 +6,16 @@ from clusters import s3_server, s3fs, upload
 from reference import tiny_export
 
 from planet_batch.cli import main
-from planet_batch.cluster.storage import NODE_ID_LABEL, StorageError, elsewhere, existing_dir, locate, read_placement
+from planet_batch.cluster.runtime import CapacityError
+from planet_batch.cluster.storage import (
+    NODE_ID_LABEL,
+    StorageError,
+    beside_reads,
+    elsewhere,
+    existing_dir,
+    locate,
+    read_placement,
+)
 from planet_batch.data.datasets import train_valid_split
 from planet_batch.data.layout import find_layout
 from planet_batch.export import load_export
@@ -109,7 +118,7 @@ def test_existing_dir_names_what_it_checks(tmp_path):
 
 
 @pytest.mark.ray
-def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, tmp_path, monkeypatch):
+def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywhere(ray_local, s3, tmp_path, monkeypatch):
     import ray
 
     here = ray.get_runtime_context().get_node_id()
@@ -124,3 +133,35 @@ def test_local_data_is_read_on_the_drivers_node_unless_shared_and_uris_everywher
     monkeypatch.setattr(ray, "nodes", lambda: [{**n, "Resources": {**n["Resources"], "CPU": 0.0}} for n in nodes])
     with pytest.raises(StorageError, match=f"is local to node {here[:12]}, which has no CPU for the tasks that read"):
         read_placement(locate(tmp_path), shared=False)
+
+
+def test_training_workers_leave_the_data_node_a_cpu_for_its_reads(monkeypatch):
+    """Ray Train's per-worker label selectors when the reads are pinned to node D, from what ray.nodes() reports."""
+    import ray
+
+    def cluster(*nodes):
+        monkeypatch.setattr(ray, "nodes", lambda: [{"NodeID": name, "Alive": True, "Resources": res}
+                                                   for name, res in nodes])
+
+    here, away = {NODE_ID_LABEL: "D"}, {NODE_ID_LABEL: "!D"}
+    cluster(("D", {"CPU": 1.0}), ("W", {"CPU": 2.0}))
+    assert beside_reads(None, 2, 1.0) is None
+    assert beside_reads(here, 0, 1.0) is None  # local mode: no worker group
+    assert beside_reads(here, 2, 1.0) == [away, away]  # a worker on D would take the reads' only CPU
+    cluster(("D", {"CPU": 2.0}), ("W", {"CPU": 2.0}))
+    assert beside_reads(here, 2, 1.0) == [{}, away]
+    assert beside_reads(here, 2, 0.5) is None  # both fit beside the reads
+    cluster(("D", {"CPU": 3.0}), ("W", {"CPU": 4.0}))
+    assert beside_reads(here, 2, 1.0, groups=2) == [{}, away]  # two folds share D's two spare CPUs
+    cluster(("D", {"CPU": 1.9}),)
+    assert beside_reads(here, 3, 0.3) is None  # one node (a local Ray): 0.9 CPU holds three 0.3-CPU workers
+    cluster(("D", {"CPU": 1.0}), ("W", {"CPU": 2.0}))
+    with pytest.raises(CapacityError, match="room there for 0 of the 3 workers, and the other nodes hold 2 of the"):
+        beside_reads(here, 3, 1.0)
+    assert beside_reads(here, 3, 1.0, autoscale=True) == [away] * 3  # the autoscaler adds other nodes
+    cluster(("D", {"CPU": 1.0}), ("W", {"CPU": 8.0, "GPU": 1.0}))
+    with pytest.raises(CapacityError, match="other nodes hold 1 of the rest"):
+        beside_reads(here, 2, 1.0, gpu=True)
+    cluster(("D", {"CPU": 3.0}), ("W", {"CPU": 0.0}))
+    with pytest.raises(CapacityError, match="--parallel-folds"):
+        beside_reads(here, 2, 1.0, groups=2)
