@@ -6,6 +6,7 @@ put a fake at exactly that boundary. Credentials are checked, never printed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -157,18 +158,40 @@ def extract_7z_tar(archive: Path, dest: Path, limit: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def whole(archive: Path):
+    """A damaged archive (a download cut short, a flipped byte) as one ArchiveError line; the file stays.
+
+    What each reader raises for one, measured on truncated and byte-flipped archives: zipfile BadZipFile (no end
+    record, bad CRC), tarfile ReadError ("unexpected end of data"), py7zr Bad7zFile ("next header size exceeds
+    the archive size"), lzma's LZMAError ("Corrupt input data"). (tarfile's stream mode does not check the
+    gzip CRC: a flipped byte in a .tar.gz goes unnoticed; Kaggle ships .7z and .zip.)"""
+    import lzma
+    import zlib
+
+    import py7zr.exceptions
+
+    try:
+        yield
+    except (zipfile.BadZipFile, tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error, lzma.LZMAError,
+            py7zr.exceptions.ArchiveError) as e:
+        raise ArchiveError(f"{archive}: damaged archive ({e}); delete it and run the same command to download it "
+                           "again") from None
+
+
 def extract(archive: Path, dest: Path, limit: int | None = None) -> None:
     """Extract safely; `limit` bytes at most (default: the free disk space less 1 GiB)."""
     limit = disk_budget(dest) if limit is None else limit
     name = archive.name
-    if name.endswith(".zip"):
-        extract_zip(archive, dest, limit)
-    elif name.endswith(".tar.7z") or name.endswith(".7z"):
-        extract_7z_tar(archive, dest, limit)
-    elif name.endswith(".tar") or name.endswith(".tar.gz"):
-        extract_tar(archive, dest, limit)
-    else:
-        raise ArchiveError(f"{name}: unknown archive type")
+    with whole(archive):
+        if name.endswith(".zip"):
+            extract_zip(archive, dest, limit)
+        elif name.endswith(".tar.7z") or name.endswith(".7z"):
+            extract_7z_tar(archive, dest, limit)
+        elif name.endswith(".tar") or name.endswith(".tar.gz"):
+            extract_tar(archive, dest, limit)
+        else:
+            raise ArchiveError(f"{name}: unknown archive type")
 
 
 def _done_marker(dest: Path, archive_name: str) -> Path:
@@ -181,7 +204,8 @@ def downloaded(dest: Path, name: str, before: set[str]) -> Path:
     the checks of any archive, and a single new file of another name is taken as NAME."""
     target, wrapper = dest / name, dest / f"{name}.zip"
     if not target.exists() and wrapper.exists() and not name.endswith(".zip"):
-        extract_zip(wrapper, dest, disk_budget(dest))
+        with whole(wrapper):
+            extract_zip(wrapper, dest, disk_budget(dest))
         wrapper.unlink()
     if not target.exists():
         new = sorted(set(os.listdir(dest)) - before - {DONE_DIR})

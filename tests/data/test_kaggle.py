@@ -267,6 +267,47 @@ def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
     assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))
 
 
+def _damaged(archive: Path, how: str) -> Path:
+    data = bytearray(archive.read_bytes())
+    if how == "truncated":  # a download cut short
+        del data[len(data) // 2:]
+    else:  # one flipped byte in the compressed data
+        data[len(data) // 3] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    return archive
+
+
+@pytest.mark.parametrize(("name", "how"), [("train_v2.csv.zip", "truncated"), ("train-jpg.tar.7z", "truncated"),
+                                           ("train-jpg.tar.7z", "flipped")])
+def test_a_damaged_archive_is_one_line_and_stays(demo_root, tmp_path, name, how):
+    archive = _damaged(Path(shutil.copy(build_competition_archives(demo_root, tmp_path / "k") / name, tmp_path)), how)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match=f"{archive}: damaged archive .*; delete it and run the same command"):
+        extract(archive, dest)
+    assert archive.exists()
+
+
+def test_a_download_cut_short_is_one_line_keeps_what_was_done_and_the_same_command_goes_on(fake_api, tmp_path,
+                                                                                             capsys):
+    whole = fake_api.archives / "test-jpg.tar.7z"
+    kept = whole.read_bytes()
+    _damaged(whole, "truncated")
+    dest = tmp_path / "planet"
+    assert main(["download", "--to", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line] == [err.splitlines()[-1]], err
+    assert f"error: {dest / 'test-jpg.tar.7z'}: damaged archive" in err and "Traceback" not in err, err
+    assert (dest / "train-jpg" / "train_0.jpg").exists() and (dest / "train_v2.csv").exists()  # done before it
+    whole.write_bytes(kept)  # the next download is whole
+    (dest / "test-jpg.tar.7z").unlink()
+    fake_api.calls.clear()
+    assert main(["download", "--to", str(dest)]) == 0
+    assert [c[2] for c in fake_api.calls] == ["test-jpg.tar.7z", "test-jpg-additional.tar.7z",
+                                              "sample_submission_v2.csv.zip"]
+    assert find_layout(dest, need=("train", "test")).kind
+
+
 class KaggleStandIn(http.server.BaseHTTPRequestHandler):
     """The Kaggle API as kagglesdk calls it in its LOCAL environment (http://localhost/api/v1/SERVICE/METHOD): the
     download RPC answers with a redirect to a signed storage URL, large files wrapped in a zip, as Kaggle serves
