@@ -40,11 +40,12 @@ def start(args, env, log, wrap=None):
                             start_new_session=True)
 
 
-def stop(proc, grace_s: float = 5.0):
+def stop(proc, grace_s: float = 1.0):
     """Stop a `ray start --block` and everything it started; a no-op when it is already gone.
 
     A worker node's exits within about a second of SIGTERM; a head's never did within 30 s (every cluster of
-    the suite waited that long), so after `grace_s` its group is killed."""
+    the suite waited that long), so after `grace_s` its group is killed: the tests lose nodes, they do not
+    test Ray's own shutdown."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace_s)
@@ -151,7 +152,7 @@ def wait_for(cond, timeout, what):
     while time.time() < end:
         if cond():
             return
-        time.sleep(1)
+        time.sleep(0.5)
     raise TimeoutError(f"{what} did not come up in {timeout} s")
 
 
@@ -190,7 +191,7 @@ def run_job(cluster, entrypoint, timeout=420) -> Job:
         status = c.get_job_status(job)
         if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
             break
-        time.sleep(2)
+        time.sleep(0.5)
     logs = c.get_job_logs(job)
     assert status == JobStatus.SUCCEEDED, f"{entrypoint} ended {status}:\n{logs[-4000:]}"
     return Job(logs, c.get_job_info(job).job_id)
