@@ -204,8 +204,7 @@ def downloaded(dest: Path, name: str, before: set[str]) -> Path:
     the checks of any archive, and a single new file of another name is taken as NAME."""
     target, wrapper = dest / name, dest / f"{name}.zip"
     if not target.exists() and wrapper.exists() and not name.endswith(".zip"):
-        with whole(wrapper):
-            extract_zip(wrapper, dest, disk_budget(dest))
+        extract(wrapper, dest)
         wrapper.unlink()
     if not target.exists():
         new = sorted(set(os.listdir(dest)) - before - {DONE_DIR})
