@@ -179,8 +179,9 @@ def test_a_local_ray_keeps_its_dashboard_on_loopback_and_wants_the_token(tmp_pat
 
 
 def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_path):
-    """Ray Train storage on the local S3 server: the head of a 2-node cluster stopped in the second epoch of the
-    second stage (the job dies with it); a new cluster, the same job: it goes on from the latest checkpoint."""
+    """Ray Train storage on the local S3 server: a cluster's head stopped in the second epoch of the second stage
+    (the job dies with it); a new cluster, the same job: it goes on from the latest checkpoint. (Each cluster is a
+    head alone: a worker node would add its start-up and change nothing the test sees.)"""
     import pyarrow.fs as pafs
     from clusters import s3_server, s3fs
 
@@ -201,14 +202,14 @@ def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_
     with s3_server(tmp_path) as s3_env:
         s3fs(s3_env).create_dir("planet")
         env = {**s3_env, FAULT_DIR_ENV: str(faults)}
-        with two_node_cluster(tmp_path / "first", env=env) as c:
+        with two_node_cluster(tmp_path / "first", env=env, worker_node=False) as c:
             submit(client(c), command)
             wait_for(fault_file(faults, "train:s2:1:1:0", "hanging").exists, 300, "the second epoch of s2")
             stop(c["head"])
         assert not (run / "export").exists()
         on_s3 = s3fs(s3_env).get_file_info(pafs.FileSelector("planet/ray-train", recursive=True))
         assert any(f.path.endswith("state.pt") for f in on_s3), [f.path for f in on_s3]  # the checkpoints are there
-        with two_node_cluster(tmp_path / "second", env=env, worker_node=False) as c:  # (its head alone: quicker)
+        with two_node_cluster(tmp_path / "second", env=env, worker_node=False) as c:
             logs = run_job(c, command).logs
     assert "resuming s2 at epoch 1 (the checkpoint of s2 epoch 0)" in logs, logs[-3000:]
     assert "stage s1:" not in logs
