@@ -175,6 +175,16 @@ def existing_dir(where: str | os.PathLike | Location, what: str = "data root") -
     raise StorageError(f"{what} {loc}: nothing under this prefix")
 
 
+def _alive_nodes() -> list[dict]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive")]
+
+
+def _cpus_of(alive: list[dict], node: str) -> float:
+    return next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == node), 0.0)
+
+
 def read_placement(data: Location, shared: bool, what: str = "data") -> dict[str, str] | None:
     """Where the tasks that open (or write) `data`'s files may run: Ray's label selector, or None for anywhere.
 
@@ -187,8 +197,8 @@ def read_placement(data: Location, shared: bool, what: str = "data") -> dict[str
     if not data.local or shared:
         return None
     node = ray.get_runtime_context().get_node_id()
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == node), 0.0)
+    alive = _alive_nodes()
+    cpus = _cpus_of(alive, node)
     if cpus <= 0:  # (a head started with --num-cpus=0, as Ray advises for large clusters)
         raise StorageError(f"{what} {data} is local to node {node[:12]}, which has no CPU for the tasks that read it: "
                            "put it on s3:// (or pass --data-shared for a path every node mounts), or give that node "
@@ -211,8 +221,7 @@ def elsewhere(placement: dict[str, str] | None, resource: str = "CPU") -> tuple[
     if placement is None:
         return {}, ray.cluster_resources()
     node = placement[NODE_ID_LABEL]
-    others = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != node
-              and n["Resources"].get(resource, 0.0) > 0]
+    others = [n["Resources"] for n in _alive_nodes() if n["NodeID"] != node and n["Resources"].get(resource, 0.0) > 0]
     if not others:  # one node (a local Ray): everything shares it
         return {}, ray.cluster_resources()
     return ({"label_selector": {NODE_ID_LABEL: f"!{node}"}, "fallback_strategy": [{"label_selector": placement}]},
@@ -228,15 +237,13 @@ def beside_reads(placement: dict[str, str] | None, workers: int, cpus_per_worker
     without end (tests/cluster/test_cluster_storage.py). `groups`: worker groups side by side (K folds), which
     share the data node's room. Workers the other nodes cannot hold are one line, before any work (unless the
     cluster autoscales: new nodes are other nodes)."""
-    import ray
-
     from planet_batch.cluster.runtime import DATA_CPUS, CapacityError
 
     if placement is None or workers == 0:
         return None
     node = placement[NODE_ID_LABEL]
-    alive = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = next((n["Resources"].get("CPU", 0.0) for n in alive if n["NodeID"] == node), 0.0)
+    alive = _alive_nodes()
+    cpus = _cpus_of(alive, node)
     room = max(0, int((cpus - DATA_CPUS) / cpus_per_worker + 1e-9)) // groups  # (1e-9: 0.3 * 3 < 0.9)
     if room >= workers:
         return None
