@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +19,11 @@ from typing import Annotated, Literal
 import numpy as np
 import pydantic
 import torch
+from pydantic import AfterValidator
 
 from planet_batch.cluster.storage import Location, StorageError, locate, write_atomic
 from planet_batch.config import Float, Str, describe
+from planet_batch.data.labels import TAG_INDEX, TAGS
 from planet_batch.data.transforms import Normalization
 from planet_batch.errors import PlanetBatchError, first_line
 from planet_batch.model import build_model
@@ -35,6 +38,30 @@ class ExportError(PlanetBatchError, ValueError):
 
 
 Probability = pydantic.confloat(ge=0, le=1)
+# Input sizes a body can take: below 32 px a ResNet's five halvings leave nothing; above 1024 px a batch of 64 is
+# 800 MB of input alone (Planet's chips are 256 px).
+InputSize = Annotated[int, pydantic.Field(ge=32, le=1024)]
+
+
+def check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    """The competition's 17 tags in any order: the order names the model's outputs (`ExportedModel.to_tags`)."""
+    missing = [t for t in TAGS if t not in tags]
+    unknown = [t for t in tags if t not in TAG_INDEX]
+    twice = sorted({t for t in tags if tags.count(t) > 1})
+    if missing or unknown or twice:
+        problems = [f"{what} {', '.join(names)}" for what, names in (("missing", missing), ("unknown", unknown),
+                                                                      ("repeated", twice)) if names]
+        raise ValueError(f"must be the competition's {len(TAGS)} tags in any order ({'; '.join(problems)})")
+    return tags
+
+
+def check_normalization(norm: Normalization) -> Normalization:
+    """Pixels are in [0, 1]: each mean in [0, 1], each std in (0, 1] (a std of 0 gives NaN probabilities)."""
+    if not all(math.isfinite(v) and 0 <= v <= 1 for v in norm.mean):
+        raise ValueError(f"mean must be 3 numbers in [0, 1], got {list(norm.mean)}")
+    if not all(math.isfinite(v) and 0 < v <= 1 for v in norm.std):
+        raise ValueError(f"std must be 3 numbers in (0, 1], got {list(norm.std)}")
+    return norm
 
 
 @pydantic.dataclasses.dataclass(frozen=True)
@@ -44,12 +71,12 @@ class ExportMeta:
     format: Literal["planet-batch-export"]
     version: Literal[1]
     arch: Str
-    tags: tuple[Str, ...]
-    size: pydantic.PositiveInt
-    normalize: Normalization
+    tags: Annotated[tuple[Str, ...], AfterValidator(check_tags)]
+    size: InputSize
+    normalize: Annotated[Normalization, AfterValidator(check_normalization)]
     threshold: Probability
-    thresholds: tuple[Probability, ...]
-    dropout: Float = 0.5
+    thresholds: tuple[Probability, ...]  # in the order of `tags`
+    dropout: Annotated[Float, pydantic.Field(ge=0, lt=1)] = 0.5
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     tracking_run: Str | None = None  # the MLflow run that trained it (planet_batch.tracking)
@@ -63,7 +90,7 @@ class EnsembleMeta:
     version: Literal[1]
     members: Annotated[tuple[Str, ...], pydantic.Field(min_length=1)]
     threshold: Probability
-    thresholds: tuple[Probability, ...]
+    thresholds: tuple[Probability, ...]  # in the order of the first member's tags
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     tracking_run: Str | None = None  # the K-fold run's parent MLflow run
@@ -83,6 +110,12 @@ class ExportedModel:
     weights: Location
     tracking_run: str | None = None
 
+    @property
+    def to_tags(self) -> np.ndarray:
+        """Indices that put this model's outputs (and thresholds), in the order of its `tags`, into TAGS order:
+        `probs[:, to_tags]`. Everything downstream (decode, probs.parquet, ensembles) works in TAGS order."""
+        return np.asarray([self.tags.index(t) for t in TAGS])
+
     def load_state(self, data: bytes | None = None) -> dict:
         """The weights as tensors (`weights_only`: an export never unpickles objects), from a path or a URI;
         `data`: the weights file's bytes when the caller has read them already."""
@@ -91,6 +124,21 @@ class ExportedModel:
             return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except (RuntimeError, EOFError, ValueError) as e:
             raise ExportError(f"{self.weights}: not a weights file ({first_line(e)})") from None
+
+    def check_state(self, state: dict) -> None:
+        """`state` is weights of this arch (a strict load into the model), all finite: checked in the driver
+        before any work, so a wrong model.pt is one line instead of a failure inside every actor."""
+        from planet_batch.weights import WeightsError
+
+        try:
+            self.build_from_state(state)
+        except WeightsError as e:
+            raise ExportError(f"{self.weights.parent / 'model.json'}: {e}") from None
+        except RuntimeError as e:  # load_state_dict: missing or unexpected keys, other shapes
+            raise ExportError(f"{self.weights}: not weights of {self.arch} ({first_line(e)})") from None
+        bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+        if bad is not None:
+            raise ExportError(f"{self.weights}: {bad} holds NaN or infinite values")
 
     def build(self, device: torch.device | str = "cpu") -> torch.nn.Module:
         return self.build_from_state(self.load_state(), device)
@@ -170,9 +218,9 @@ def _read_meta(path: Location) -> tuple[Location, dict]:
 
 
 def odd_member(members: Sequence[ExportedModel]) -> int | None:
-    """The first member that predicts other tags or takes another input size than the first, if any: an
-    ensemble averages the same tags and decodes each image once, at one size."""
-    return next((i for i, m in enumerate(members) if (m.tags, m.size) != (members[0].tags, members[0].size)), None)
+    """The first member that takes another input size than the first, if any: an ensemble decodes each image
+    once, at one size. (Tags may come in any order: each member's outputs are put in TAGS order.)"""
+    return next((i for i, m in enumerate(members) if m.size != members[0].size), None)
 
 
 def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
@@ -194,8 +242,8 @@ def load_model(path: Path | str | Location) -> ExportedModel | EnsembleExport:
             raise ExportError(f"ensemble export {path}: member {name}: {e}") from None
     if (i := odd_member(members)) is not None:
         m = members[i]
-        raise ExportError(f"ensemble export {path}: member {names[i]} ({len(m.tags)} tags, {m.size}px) does not "
-                          f"match {names[0]} ({len(members[0].tags)} tags, {members[0].size}px)")
+        raise ExportError(f"ensemble export {path}: member {names[i]} takes {m.size}px images, {names[0]} "
+                          f"{members[0].size}px")
     if len(ensemble.thresholds) != len(members[0].tags):
         raise ExportError(f"{meta_path}: {len(ensemble.thresholds)} thresholds for {len(members[0].tags)} tags")
     return EnsembleExport(path, tuple(members), ensemble.threshold, ensemble.thresholds, ensemble.config,

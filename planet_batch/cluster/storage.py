@@ -98,6 +98,11 @@ class Location:
 
         return self._call("read", read)
 
+    def entries(self) -> list[Location]:
+        """Everything directly in this folder (files and folders), sorted; none when it does not exist."""
+        infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))
+        return sorted((Location(self.fs, i.path, self.scheme) for i in infos), key=lambda loc: loc.path)
+
     def files(self, suffix: str) -> list[Location]:
         """The files directly in this folder whose names end with `suffix`, sorted."""
         infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))

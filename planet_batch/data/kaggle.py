@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tarfile
+import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path, PurePosixPath
@@ -110,15 +111,19 @@ def extract_zip(archive: Path, dest: Path, limit: int) -> None:
 
 
 def extract_tar(archive: Path, dest: Path, limit: int) -> None:
-    """Stream a tar (mode r|, one pass, no index in memory) through tarfile's `data` filter.
+    """Stream a tar (mode r|, one pass, no index in memory) through tarfile's `data` filter, after our own checks.
 
-    The filter refuses absolute paths, `..`, links that point outside `dest` and device files;
-    members are counted against the disk budget before each is written.
+    Every link member (symbolic or hard) is refused before the filter sees it: the competition's archives hold
+    none, and the filter of the Python versions before 3.11.13 / 3.12.11 let a chain of links write outside
+    `dest` (CVE-2025-4517), so no link is ever made. The filter then refuses absolute paths, `..` and device
+    files; members are counted against the disk budget before each is written.
     """
     budget = _Budget(archive, limit)
 
     def refuse_then_data_filter(member: tarfile.TarInfo, path: str) -> tarfile.TarInfo:
         _check_member(member.name, archive)  # the data filter would strip a leading '/', not refuse it
+        if member.issym() or member.islnk():
+            raise ArchiveError(f"{archive.name}: refusing link member {member.name!r} (-> {member.linkname!r})")
         budget.take(member.size, member.name)
         return tarfile.data_filter(member, path)
 
@@ -137,12 +142,12 @@ def extract_7z_tar(archive: Path, dest: Path, limit: int) -> None:
     import py7zr
 
     budget = _Budget(archive, limit)
-    tmp = dest / f".{archive.name}.unpack"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{archive.name}.unpack-", dir=dest))  # a new folder: ours to remove
     try:
         with py7zr.SevenZipFile(archive, mode="r") as z:
             for entry in z.list():
                 _check_member(entry.filename, archive)
-                if entry.is_symlink:
+                if entry.is_symlink or not (entry.is_file or entry.is_directory):  # (a link, junction or socket)
                     raise ArchiveError(f"{archive.name}: refusing link member {entry.filename!r}")
                 budget.take(entry.uncompressed, entry.filename)
             z.extractall(path=tmp)
@@ -203,9 +208,9 @@ def downloaded(dest: Path, name: str, before: set[str]) -> Path:
     large files wrapped in a zip (NAME.zip, kaggle's `_resolve_download_path`): a wrapper is unwrapped here with
     the checks of any archive, and a single new file of another name is taken as NAME."""
     target, wrapper = dest / name, dest / f"{name}.zip"
-    if not target.exists() and wrapper.exists() and not name.endswith(".zip"):
+    if not target.exists() and wrapper.name not in before and wrapper.exists() and not name.endswith(".zip"):
         extract(wrapper, dest)
-        wrapper.unlink()
+        wrapper.unlink()  # the API wrote it just now
     if not target.exists():
         new = sorted(set(os.listdir(dest)) - before - {DONE_DIR})
         if len(new) != 1:
@@ -222,16 +227,23 @@ def fetch_and_extract(dest: Path, archive_name: str, fetch: Callable[[], None]) 
         log.info("%s: already downloaded and extracted, skipping", archive_name)
         return False
     archive = dest / archive_name
+    ours = _done_marker(dest, f"{archive_name}.downloaded")  # the archive is one that download wrote
     if not archive.exists():
         log.info("downloading %s", archive_name)
         before = set(os.listdir(dest))
         fetch()
         downloaded(dest, archive_name, before)
+        ours.parent.mkdir(parents=True, exist_ok=True)
+        ours.touch()
     log.info("extracting %s", archive_name)
     extract(archive, dest)
     marker.parent.mkdir(parents=True, exist_ok=True)
     marker.touch()
-    archive.unlink()  # the extracted files are what the data layer reads; the archive only costs disk
+    if ours.exists():  # the extracted files are what the data layer reads; the archive only costs disk
+        archive.unlink()
+        ours.unlink()
+    else:
+        log.info("%s: extracted, and kept: it was there before, not downloaded by planet-batch", archive_name)
     return True
 
 

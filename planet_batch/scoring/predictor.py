@@ -12,6 +12,7 @@ import numpy as np
 
 from planet_batch.cluster.runtime import maybe_inject_fault, setup_logging
 from planet_batch.config import ScoreConfig
+from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import dihedral, to_model_input
 from planet_batch.export import EnsembleExport, ExportedModel, load_model, odd_member
 from planet_batch.model import compile_or_eager, inference, resolve_precision
@@ -26,12 +27,13 @@ class Ensemble:
     """The exports that score together: each image decoded once at their common size, probabilities averaged."""
 
     members: tuple[ExportedModel, ...]
-    tuned: tuple[tuple[float, ...], ...]  # each --model's tuned thresholds (a fold ensemble's: out-of-fold)
+    tuned: tuple[tuple[float, ...], ...]  # each --model's tuned thresholds in TAGS order (a fold ensemble's: OOF)
     runs: tuple[str | None, ...] = ()  # each --model's MLflow training run (a fold ensemble's: the parent)
 
     @property
     def tags(self) -> tuple[str, ...]:
-        return self.members[0].tags
+        """The order of every probability the ensemble gives (each member's outputs are put in it)."""
+        return TAGS
 
     @property
     def size(self) -> int:
@@ -54,13 +56,12 @@ def load_ensemble(paths: Sequence[str]) -> Ensemble:
     members = tuple(m for x in loaded for m in (x.members if isinstance(x, EnsembleExport) else (x,)))
     paths = [p for p, x in zip(paths, loaded) for _ in (x.members if isinstance(x, EnsembleExport) else (x,))]
     if (i := odd_member(members)) is not None:
-        path, m = paths[i], members[i]
-        if m.tags != members[0].tags:
-            raise ScoreError(f"--model {path} predicts other tags than --model {paths[0]}: an ensemble averages "
-                             "the same tags")
-        raise ScoreError(f"--model {path} takes {m.size}px images, --model {paths[0]} {members[0].size}px: an "
-                         "ensemble decodes each image once, at one size")
-    return Ensemble(members, tuple(x.thresholds for x in loaded), tuple(x.tracking_run for x in loaded))
+        raise ScoreError(f"--model {paths[i]} takes {members[i].size}px images, --model {paths[0]} "
+                         f"{members[0].size}px: an ensemble decodes each image once, at one size")
+    # Each --model's thresholds follow its tags (a fold ensemble's, its first member's): into TAGS order
+    tuned = tuple(tuple(np.asarray(x.thresholds)[(x.members[0] if isinstance(x, EnsembleExport) else x).to_tags])
+                  for x in loaded)
+    return Ensemble(members, tuned, tuple(x.tracking_run for x in loaded))
 
 
 def fingerprint(weights: bytes) -> str:
@@ -87,6 +88,8 @@ class Predictor:
         self.precision = resolve_precision(precision, self.device)  # on this actor's own hardware
         self.models = [(m, m.build_from_state(ray.get(ref), self.device))
                        for m, ref in zip(ensemble.members, state_refs)]
+        # each member's outputs into TAGS order, the order of every column downstream
+        self.orders = [torch.as_tensor(m.to_tags, device=self.device) for m in ensemble.members]
         self.batch_size, self.compiled = batch_size, False
         if compile:  # compiled now, on the one batch shape it will see (short batches are padded to it)
             example = torch.zeros(batch_size, 3, ensemble.size, ensemble.size, device=self.device)
@@ -116,9 +119,9 @@ class Predictor:
                 total = 0
                 for k in self.views:  # TTA: the same 8 dihedral views that training augments with
                     view = np.ascontiguousarray(dihedral(images, k))
-                    for export, model in self.models:  # each member normalises the one decoded view its own way
-                        x = to_model_input(view, self.device, export.normalization)
-                        total = total + torch.sigmoid(model(x).float())
+                    for (export, model), order in zip(self.models, self.orders):
+                        x = to_model_input(view, self.device, export.normalization)  # each member its own way
+                        total = total + torch.sigmoid(model(x).float())[:, order]
             probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
                 "error": batch["error"]}

@@ -100,12 +100,23 @@ def default_actors(resources: dict, gpus_per_actor: float) -> int:
     return max(1, int(resources.get("CPU", 1)))
 
 
-def check_output(cfg: ScoreConfig) -> Location:
-    """Where the submission goes, refused before any work when it exists (without --overwrite) or cannot be written."""
+def check_outputs(cfg: ScoreConfig) -> Location:
+    """Where the submission goes. Every file the run will write is checked before any work, so nothing fails after
+    hours of scoring: each folder must be writable and no output a folder; the submission and --probs-out must not
+    exist without --overwrite (its side files, score_summary.json and bad_images.csv, are replaced with it).
+    Returns the submission's location."""
     out = locate(cfg.out)
-    if out.exists() and not cfg.overwrite:
-        raise ScoreError(f"{out} exists; pass --overwrite to replace it")
-    out.parent.check_writable_folder()
+    sides = [out.with_name("score_summary.json"), out.with_name("bad_images.csv")]
+    named = [out, *([locate(cfg.probs_out)] if cfg.probs_out else [])]
+    if len({str(o) for o in [*named, *sides]}) < len(named) + len(sides):
+        raise ScoreError(f"--probs-out {cfg.probs_out} is one of the run's other outputs ({out} and next to it "
+                         "score_summary.json, bad_images.csv); give it another name")
+    for o in [*named, *sides]:
+        if o in named and not cfg.overwrite and o.exists():
+            raise ScoreError(f"{o} exists; pass --overwrite to replace it")
+        if o.is_dir():
+            raise ScoreError(f"{o} is a folder; the output is a file")
+        o.parent.check_writable_folder()
     return out
 
 
@@ -117,7 +128,7 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
     inputs may not.
     """
     run = {"models": sorted(fingerprint(w) for w in weights), "size": ensemble.size, "tta": cfg.tta,
-           "precision": actor_mode(cfg, 0).precision, "tags": list(ensemble.tags),
+           "precision": actor_mode(cfg, 0).precision, "tags": sorted(" ".join(m.tags) for m in ensemble.members),
            "inputs": sorted(str(f) for f in inputs.folders)}
     try:
         return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)
@@ -290,12 +301,15 @@ def run_scoring(cfg: ScoreConfig, tracker: Tracker | None = None) -> ScoreSummar
     t0 = time.perf_counter()
     ensemble = load_ensemble(cfg.model)
     inputs = expected_images(cfg)
-    out = check_output(cfg)
+    out = check_outputs(cfg)
     weights = [m.weights.read_bytes() for m in ensemble.members]  # read once: fingerprint and state
+    states = [m.load_state(w) for m, w in zip(ensemble.members, weights)]
+    for m, state in zip(ensemble.members, states):
+        m.check_state(state)
     work = open_work_folder(cfg, out, ensemble, weights, inputs)
     run = open_score_run(tracker, cfg, ensemble, out)
     try:
-        summary = score(cfg, ensemble, weights, inputs, work, out, t0)
+        summary = score(cfg, ensemble, states, inputs, work, out, t0)
     except BaseException as e:
         finish_on_error(run, e)
         raise
@@ -303,7 +317,7 @@ def run_scoring(cfg: ScoreConfig, tracker: Tracker | None = None) -> ScoreSummar
     return summary
 
 
-def score(cfg: ScoreConfig, ensemble: Ensemble, weights: list[bytes], inputs: Inputs, work: WorkFolder,
+def score(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], inputs: Inputs, work: WorkFolder,
           out: Location, t0: float) -> ScoreSummary:
     """The images still without a row through Ray into shards, then the outputs and their summary."""
     threshold = ensemble.thresholds if cfg.threshold == "tuned" else float(cfg.threshold)
@@ -315,7 +329,6 @@ def score(cfg: ScoreConfig, ensemble: Ensemble, weights: list[bytes], inputs: In
                  resumed, len(inputs.files), work.root, len(todo))
     mode = None
     if todo:
-        states = [m.load_state(w) for m, w in zip(ensemble.members, weights)]
         ensure_ray()
         quiet_data_progress()
         placement = read_placement(inputs.folders[0], cfg.data_shared)

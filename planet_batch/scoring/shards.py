@@ -3,6 +3,10 @@
     WORK/run.json     what the rows were computed with: exports' weight fingerprints, size, TTA, precision, tags, inputs
     WORK/shards/      one Parquet file per write task: path, image_name, 17 probabilities, ok, error
     WORK/commits/     Ray Data's checkpoint files: the ids (image paths) of each shard, `.pending` until written
+    WORK/.created-by-planet-batch   only in a folder scoring made, which it then removes after success
+
+Scoring deletes only these: a folder without run.json is never adopted unless it is empty, and --overwrite
+empties only a work folder, of these entries alone.
 
 Ray Data's job-level checkpointing (`CheckpointConfig`) writes the shards with a two-phase commit:
 the ids go to `commits/X.pending.parquet`, then the shard `shards/X-0.parquet`, then the pending file is
@@ -17,12 +21,13 @@ the driver, which always reaches the work folder (Ray runs it as a task that may
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from ray.data.checkpoint import CheckpointConfig
 from ray.data.checkpoint.checkpoint_filter import IdColumnCheckpointManager
@@ -33,6 +38,7 @@ from planet_batch.errors import PlanetBatchError, first_line
 log = logging.getLogger(__name__)
 
 ID_COLUMN = "path"
+CREATED = ".created-by-planet-batch"  # in a work folder that scoring made (not one it was given)
 PENDING = ".pending.parquet"  # ray.data.checkpoint.checkpoint_writer.PENDING_CHECKPOINT_SUFFIX + ".parquet"
 
 
@@ -68,36 +74,36 @@ class WorkFolder:
     def manifest(self) -> Location:
         return self.root / "run.json"
 
+    @property
+    def marker(self) -> Location:
+        return self.root / CREATED
+
     @classmethod
     def open(cls, where: str | Location, run: dict, overwrite: bool) -> WorkFolder:
         """The work folder for a run described by `run`: new, resumed, or (with `overwrite`) emptied.
 
-        Rows computed with other weights, size, TTA or inputs are never mixed in: a folder whose
-        run.json differs is refused with one line, as is a non-empty folder that is not a work folder.
+        Scoring removes only what it made: a work folder is one with a run.json, and an existing folder without
+        one is refused (with or without `overwrite`) unless it is empty. Rows computed with other weights, size,
+        TTA or inputs are never mixed in: a folder whose run.json differs is refused with one line.
         """
         work = cls(locate(where))
         work.root.parent.check_writable_folder()
-        if work.root.exists():
-            if overwrite:
-                work.remove()
-            elif not work.manifest.is_file():
-                if work.root.is_dir() and not work.root.files(""):
-                    pass  # an empty folder made for us
-                else:
-                    raise WorkFolderError(f"work folder {work.root} exists and is not one (no run.json); "
-                                          "give another --work-dir or remove it")
-            else:
-                try:
-                    before = json.loads(work.manifest.read_bytes())
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    before = None
-                if before != run:
-                    what = {"models": "--model", "size": "input size", "tta": "--tta", "precision": "--precision"}
-                    differ = [what.get(k, k) for k in sorted(set(run) | set(before or {}))
-                              if (before or {}).get(k) != run.get(k)]
-                    raise WorkFolderError(
-                        f"work folder {work.root}: its rows were scored with another {' and '.join(differ)}; rerun "
-                        "with the same ones to resume, or pass --overwrite to start over")
+        kind = work.root.info().type
+        if kind == pafs.FileType.File:
+            raise WorkFolderError(f"work folder {work.root} is a file; give another --work-dir")
+        if kind == pafs.FileType.NotFound:
+            work.create()
+        elif not work.manifest.is_file():
+            entries = work.root.entries()
+            if entries:
+                raise WorkFolderError(
+                    f"work folder {work.root} exists and is not one (no run.json; it holds {entries[0].name}"
+                    f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}): give another --work-dir, "
+                    "nothing there is touched")
+        elif overwrite:
+            work.empty()
+        else:
+            work.check_same_run(run)
         try:
             work.manifest.write_atomic(lambda p: p.write_text(json.dumps(run, indent=2, sort_keys=True)))
             if work.root.local:
@@ -106,6 +112,28 @@ class WorkFolder:
         except (OSError, StorageError) as e:
             raise WorkFolderError(f"work folder {work.root}: cannot write it: {e}") from None
         return work
+
+    def create(self) -> None:
+        """A new folder, marked as made by this run (`remove` takes the folder itself only then)."""
+        try:
+            if self.root.local:
+                Path(self.root.path).mkdir()
+            self.marker.write_atomic(lambda p: p.write_text("made by planet-batch score; removed after success\n"))
+        except (OSError, StorageError) as e:
+            raise WorkFolderError(f"work folder {self.root}: cannot create it: {first_line(e)}") from None
+
+    def check_same_run(self, run: dict) -> None:
+        try:
+            before = json.loads(self.manifest.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            before = None
+        if before != run:
+            what = {"models": "--model", "size": "input size", "tta": "--tta", "precision": "--precision"}
+            differ = [what.get(k, k) for k in sorted(set(run) | set(before or {}))
+                      if (before or {}).get(k) != run.get(k)]
+            raise WorkFolderError(
+                f"work folder {self.root}: its rows were scored with another {' and '.join(differ)}; rerun "
+                "with the same ones to resume, or pass --overwrite to start over")
 
     def checkpoint_config(self):
         """Ray Data's two-phase-commit writing into this folder; the filter is replaced (module docstring)."""
@@ -166,14 +194,26 @@ class WorkFolder:
     def shard_files(self) -> list[Location]:
         return self.shards.files(".parquet")
 
+    def empty(self) -> None:
+        """Delete what scoring writes here (shards, commits, run.json) and nothing else."""
+        try:
+            for folder in (self.shards, self.commits):
+                if folder.is_dir():
+                    folder.fs.delete_dir(folder.path)
+            if self.manifest.is_file():
+                self.manifest.fs.delete_file(self.manifest.path)
+        except OSError as e:  # (a StorageError is one)
+            raise WorkFolderError(f"work folder {self.root}: cannot empty it: {first_line(e)}") from None
+
     def remove(self) -> None:
-        if self.root.local:
-            shutil.rmtree(self.root.path, ignore_errors=True)
-        else:
-            try:
+        """After success: what scoring wrote, then the folder itself if this run made it and nothing else is
+        in it now (an existing empty folder it was given stays, and so does anything put there meanwhile)."""
+        self.empty()
+        entries = self.root.entries()
+        if [e.name for e in entries] == [CREATED]:
+            self.marker.fs.delete_file(self.marker.path)
+            with contextlib.suppress(FileNotFoundError):  # (an object store has no folder left to delete)
                 self.root.fs.delete_dir(self.root.path)
-            except FileNotFoundError:
-                pass
 
 
 class ListedBeforeRead(IdColumnCheckpointManager):

@@ -31,7 +31,7 @@ from planet_batch.model import inference, resolve_precision
 from planet_batch.tracking import RUN_FILE, Run, Tracker, finish_on_error
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import fbeta, tune_thresholds
-from planet_batch.training.run_folder import claim_run_folder, same_run, write_metrics
+from planet_batch.training.run_folder import claim_run_folder, own_run_folder, same_run, write_metrics
 from planet_batch.training.train import open_run, run_training
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def predict(export: ExportedModel, split: Split, precision: str, batch_size: int
             batch = {"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]}
             images = load_labelled_batch(batch, export.size, augment=False, fs=split.fs)["image"]
             x = to_model_input(images, device, export.normalization)
-            probs.append(torch.sigmoid(model(x).float()).numpy())
+            probs.append(torch.sigmoid(model(x).float())[:, export.to_tags].numpy())
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 
 
@@ -127,6 +127,7 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, trac
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
+    own_run_folder(run_dir)
     for f in folds:  # as is another config on a fold's run folder
         claim_run_folder(run_dir / f.name, cfg)
     if cfg.overwrite:

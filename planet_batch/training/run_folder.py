@@ -1,12 +1,20 @@
 """The run folder a training job writes from the checkpoints Ray Train kept: config.yaml, stages/NAME.pt,
-metrics.csv, losses.png and export/; and the rule that a run folder holds one run."""
+metrics.csv, losses.png and export/; and the rules that a run folder holds one run and is planet-batch's.
+
+A run folder is marked by RUN/run.json, which holds its run id (also in its Ray Train run's name). Training
+writes only the names in `WRITTEN` into it, and into a folder without run.json only when none of them is there:
+a folder holding someone else's config.yaml or export/ is refused, with or without --overwrite, which removes
+only those names (and the folder's own Ray Train run).
+"""
 
 from __future__ import annotations
 
 import csv
-import hashlib
+import json
 import logging
+import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -14,6 +22,7 @@ import torch
 from planet_batch.cluster.storage import locate, write_atomic
 from planet_batch.config import HOW_NOT_WHAT, TrainConfig, load_config, to_dict
 from planet_batch.data.labels import TAGS
+from planet_batch.errors import first_line
 from planet_batch.export import save_export
 from planet_batch.model import normalization
 from planet_batch.tracking import RUN_FILE
@@ -59,10 +68,44 @@ def ray_storage(cfg: TrainConfig, run_dir: Path) -> str:
     return cfg.storage or str(run_dir / "ray")
 
 
+RUN_ID_FILE = "run.json"
+# What training writes into a run folder (K folds: fold-i/, oof.parquet); the default Ray storage is `ray/`.
+WRITTEN = ("config.yaml", "stages", "export", "metrics.csv", "losses.png", RUN_FILE, "ray", "oof.parquet")
+FOLD_DIR = re.compile(r"fold-\d+$")
+
+
+def run_id(run_dir: Path) -> str:
+    try:
+        return json.loads((run_dir / RUN_ID_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise TrainError(f"run folder {run_dir}: {RUN_ID_FILE} is not planet-batch's ({first_line(e)}); give "
+                         "another --out") from None
+
+
 def run_name(run_dir: Path) -> str:
     """The Ray Train run of a run folder: the same for every command on that folder (so a new trainer resumes it,
-    Ray Train's job-driver fault tolerance), different for another folder sharing the storage."""
-    return f"{run_dir.name}-{hashlib.sha1(str(run_dir).encode()).hexdigest()[:8]}"
+    Ray Train's job-driver fault tolerance), another for any other run folder sharing the storage, also one at the
+    same path on another machine (its run id)."""
+    return f"{run_dir.name}-{run_id(run_dir)}"
+
+
+def new_run_id(run_dir: Path) -> None:
+    write_atomic(run_dir / RUN_ID_FILE, lambda p: p.write_text(json.dumps({"run_id": uuid.uuid4().hex[:12]})))
+
+
+def own_run_folder(run_dir: Path) -> None:
+    """Make `run_dir` a run folder, or refuse one that holds what training would write but did not (module doc)."""
+    if (run_dir / RUN_ID_FILE).is_file():
+        run_id(run_dir)
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainError(f"run folder {run_dir} is a file; give another --out")
+    theirs = sorted(n for n in (p.name for p in run_dir.iterdir()) if n in WRITTEN or FOLD_DIR.match(n)) \
+        if run_dir.is_dir() else []
+    if theirs:
+        raise TrainError(f"run folder {run_dir} holds {', '.join(theirs)}, not written by planet-batch (no "
+                         f"{RUN_ID_FILE}): give another --out; nothing there is touched")
+    new_run_id(run_dir)
 
 
 def local_checkpoints(cfg: TrainConfig, storage: str, name: str) -> str | None:
@@ -72,17 +115,19 @@ def local_checkpoints(cfg: TrainConfig, storage: str, name: str) -> str | None:
 
 def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
     """A run folder holds one run: the same config goes on where it stopped, another is refused, and
-    `overwrite` starts over (the folder's files and its Ray Train run go)."""
+    `overwrite` starts over (the folder's files and its Ray Train run go, and it gets a new run id)."""
+    own_run_folder(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return
     if cfg.overwrite:
+        ray_run = locate(ray_storage(cfg, run_dir)) / run_name(run_dir)
         for path in (run_dir / "stages", run_dir / "export", run_dir / "metrics.csv", run_dir / "losses.png",
                      run_dir / RUN_FILE, saved):  # (a new MLflow run too)
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        ray_run = locate(ray_storage(cfg, run_dir)) / run_name(run_dir)
         if ray_run.is_dir():
             ray_run.fs.delete_dir(ray_run.path)
+        new_run_id(run_dir)
         return
     differs = same_run(load_config(TrainConfig, saved), cfg)
     if differs:

@@ -216,8 +216,8 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
     train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
     check_batches(cfg, len(train))
     check_start_files(cfg)
-    claim_run_folder(run_dir, cfg)
     weights = initial_state(cfg)
+    claim_run_folder(run_dir, cfg)
     run = open_run(tracker, cfg, data, run_dir, parent)
     try:
         ensure_ray()

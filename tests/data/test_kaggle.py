@@ -217,6 +217,55 @@ def test_malicious_archives_are_refused(tmp_path, make):
     assert not any(p.is_symlink() for p in dest.rglob("*"))
 
 
+def _cve_2025_4517_chain(tf):
+    """The shape of CVE-2025-4517's archive: a chain of symlinks, each resolving inside the target on its own
+    (which the `data` filter of Python < 3.11.13 checks one at a time), that together climb out of it, then a file
+    written through the chain."""
+    depth = 4
+    for i in range(depth):
+        _link(tf, "/".join(["a"] * i + ["b"]), ".")  # a/b -> ., a/a/b -> ., ...: every link points inside
+    _link(tf, "/".join(["a"] * depth + ["up"]), "/".join([".."] * depth))  # climbs exactly to the target
+    _link(tf, "escape", "/".join(["a"] * depth + ["up", ".."]))  # ... and one step further
+    _file(tf, "escape/escaped.txt")
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: _tar_with(t, _cve_2025_4517_chain),
+    lambda t: _tar_with(t, lambda tf: (_file(tf, "train-jpg/a.jpg"),
+                                       _link(tf, "train-jpg/b.jpg", "train-jpg/a.jpg", tarfile.LNKTYPE))),
+    lambda t: _tar_with(t, lambda tf: (_file(tf, "train-jpg/a.jpg"), _link(tf, "train-jpg/b.jpg", "a.jpg"))),
+    lambda t: _zip_symlink(t),
+    lambda t: _7z_symlink(t),
+], ids=["tar-link-chain", "tar-hardlink-inside", "tar-symlink-inside", "zip-symlink", "7z-symlink"])
+def test_every_link_member_is_refused_even_one_pointing_inside(tmp_path, make):
+    """The data filter allows links that stay inside the target; planet-batch allows none (the competition's
+    archives hold no links), so the filter's own link bugs cannot matter."""
+    archive = make(tmp_path)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match=r"refusing link member '(b|train-jpg/b.jpg|link)'"):
+        extract(archive, dest)
+    assert not any(p.is_symlink() for p in dest.rglob("*"))
+    assert not (tmp_path / "escaped.txt").exists() and not (dest / "train-jpg" / "b.jpg").exists()
+
+
+def _zip_symlink(tmp_path):
+    p = tmp_path / "evil.zip"
+    info = zipfile.ZipInfo("link")
+    info.external_attr = (0o120777 << 16)  # S_IFLNK
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr(info, "/etc/passwd")
+    return p
+
+
+def _7z_symlink(tmp_path):
+    p = tmp_path / "evil.tar.7z"
+    (tmp_path / "link").symlink_to("/etc/passwd")
+    with py7zr.SevenZipFile(p, "w") as z:
+        z.write(tmp_path / "link", "link")
+    return p
+
+
 def test_kaggle_error_for_unknown_archive(tmp_path):
     with pytest.raises(ArchiveError, match="unknown archive"):
         extract(tmp_path / "x.rar", tmp_path)
@@ -265,6 +314,34 @@ def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
     extract(archive, dest, limit=200 << 20)
     assert (dest / "train-jpg" / "zeros.jpg").stat().st_size == 64 << 20
     assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))
+
+
+def test_a_7z_declaring_more_than_the_budget_is_refused_before_anything_is_unpacked(tmp_path, monkeypatch):
+    """The .7z layer's own budget: its inner tar would be on disk whole before the tar's budget could see it."""
+    unpacked = []
+    monkeypatch.setattr(py7zr.SevenZipFile, "extractall", lambda self, path=None, **kw: unpacked.append(path))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    with pytest.raises(ArchiveError, match="more than 1,000,000 bytes.*'bomb.tar'"):
+        extract(_bomb(tmp_path, "tar.7z"), dest, limit=1_000_000)
+    assert unpacked == []
+
+
+def test_extraction_keeps_a_folder_of_the_old_unpack_name_and_an_archive_it_did_not_download(demo_root, tmp_path):
+    """Kaggle's temporary folder is a new one (mkdtemp), so a user's folder of that name stays; an archive that was
+    there before is extracted and kept, one the download wrote is removed once extracted."""
+    archives = build_competition_archives(demo_root, tmp_path / "k")
+    dest = tmp_path / "planet"
+    (dest / ".train-jpg.tar.7z.unpack").mkdir(parents=True)
+    (dest / ".train-jpg.tar.7z.unpack" / "mine.txt").write_text("mine")
+    shutil.copy(archives / "train-jpg.tar.7z", dest)
+    assert kaggle.fetch_and_extract(dest, "train-jpg.tar.7z", lambda: pytest.fail("downloaded again")) is True
+    assert (dest / "train-jpg" / "train_0.jpg").exists()
+    assert (dest / "train-jpg.tar.7z").read_bytes() == (archives / "train-jpg.tar.7z").read_bytes()
+    assert (dest / ".train-jpg.tar.7z.unpack" / "mine.txt").read_text() == "mine"
+    assert not [p for p in dest.iterdir() if p.name.startswith(".train-jpg.tar.7z.unpack-")]
+    kaggle.fetch_and_extract(dest, "test-jpg.tar.7z", lambda: shutil.copy(archives / "test-jpg.tar.7z", dest))
+    assert (dest / "test-jpg").is_dir() and not (dest / "test-jpg.tar.7z").exists()
 
 
 def _damaged(archive: Path, how: str) -> Path:
