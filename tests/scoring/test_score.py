@@ -327,6 +327,33 @@ def test_an_ensemble_scores_the_mean_of_its_members(ray_local, lite0_hub, demo_r
     assert [r[1] for r in read_rows(tmp_path / "e.csv")[1:]] == decode(both, tuned)
 
 
+def test_an_export_whose_tags_come_in_another_order_scores_the_same(ray_local, export_dir, demo_root, tmp_path):
+    """The export's tag order names its outputs everywhere downstream: the same model with two outputs (and their
+    thresholds) swapped and listed so gives the same probs.parquet and submission, alone and in an ensemble."""
+    i, j = TAGS.index("clear"), TAGS.index("primary")
+    perm = np.arange(len(TAGS))
+    perm[[i, j]] = perm[[j, i]]
+    plain = load_export(export_dir)
+    state = plain.load_state()
+    state["1.8.weight"], state["1.8.bias"] = state["1.8.weight"][perm], state["1.8.bias"][perm]
+    swapped = save_export(tmp_path / "swapped", state, arch=plain.arch, tags=tuple(np.asarray(TAGS)[perm]),
+                          size=SIZE, normalization=plain.normalization, threshold=0.2,
+                          thresholds=np.asarray(plain.thresholds)[perm], dropout=0.5, config={}, metrics={})
+    outputs = {}
+    for name, models in {"plain": (str(export_dir),), "swapped": (str(swapped),),
+                         "both": (str(export_dir), str(swapped))}.items():
+        run_scoring(ScoreConfig(model=models, data=str(demo_root), out=str(tmp_path / f"{name}.csv"),
+                                probs_out=str(tmp_path / f"{name}.pq"), threshold="tuned", precision="fp32"))
+        outputs[name] = ((tmp_path / f"{name}.csv").read_bytes(), pq.read_table(tmp_path / f"{name}.pq"))
+    tags = [row[1] for row in read_rows(tmp_path / "plain.csv")[1:]]
+    assert any("clear" in t for t in tags) and any("primary" in t for t in tags)
+    for name in ("swapped", "both"):
+        assert outputs[name][0] == outputs["plain"][0]
+        for tag in TAGS:
+            np.testing.assert_allclose(outputs[name][1][tag].to_numpy(), outputs["plain"][1][tag].to_numpy(),
+                                       atol=1e-6)
+
+
 def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_root, export_dir, export64, tmp_path):
     bad = run_cli([*score_cmd(export_dir, demo_root, tmp_path / "s.csv"), "--model", str(export64)])
     assert bad.returncode == 2
