@@ -98,16 +98,16 @@ class Location:
 
         return self._call("read", read)
 
-    def entries(self) -> list[Location]:
-        """Everything directly in this folder (files and folders), sorted; none when it does not exist."""
+    def entries(self, kind: pafs.FileType | None = None) -> list[Location]:
+        """What is directly in this folder (only files or folders with `kind`), sorted; none when it does not exist.
+        One listing (on an object store, one request per 1,000 entries)."""
         infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((Location(self.fs, i.path, self.scheme) for i in infos), key=lambda loc: loc.path)
+        return sorted((Location(self.fs, i.path, self.scheme) for i in infos if kind is None or i.type == kind),
+                      key=lambda loc: loc.path)
 
     def files(self, suffix: str) -> list[Location]:
         """The files directly in this folder whose names end with `suffix`, sorted."""
-        infos = self._call("list", self.fs.get_file_info, pafs.FileSelector(self.path, allow_not_found=True))
-        return sorted((Location(self.fs, i.path, self.scheme) for i in infos
-                       if i.type == pafs.FileType.File and i.path.endswith(suffix)), key=lambda loc: loc.path)
+        return [f for f in self.entries(pafs.FileType.File) if f.path.endswith(suffix)]
 
     def write_atomic(self, write: Callable[[Path], object]) -> Location:
         """`write(tmp_path)` fills a local temp file, which then appears here whole or not at all.

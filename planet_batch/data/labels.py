@@ -121,7 +121,9 @@ def _check_row(path: Location, line: int, name: str, tag_list: list[str], seen: 
 
 
 def check_images_exist(label_path: Location, names: Sequence[str], image_dir: Location) -> None:
-    on_disk = {p.stem for p in image_dir.files(".jpg")}
+    from planet_batch.data.layout import image_files
+
+    on_disk = {p.stem for p in image_files(image_dir)}
     missing = [n for n in names if n not in on_disk]
     if missing:
         raise LabelFileError(

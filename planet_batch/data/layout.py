@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs as pafs
 
 from planet_batch.cluster.storage import Location, StorageError, existing_dir, locate
 from planet_batch.errors import PlanetBatchError
@@ -80,6 +81,17 @@ def find_layout(root: Path | str | Location, need: Iterable[str] = ()) -> Layout
     return layout
 
 
+def image_files(folder: Location) -> list[Location]:
+    """The images of a folder, by the one rule that the checks and every read share: its files named *.jpg (any
+    case, as Ray Data's file_extensions match), sorted; other files are skipped. A folder inside is refused: the
+    Kaggle layouts have none, and its images would be no one's (Ray Data's folder reads recurse, listings do not)."""
+    inside = folder.entries(pafs.FileType.Directory)
+    if inside:
+        raise LayoutError(f"{inside[0]} is a folder inside the image folder {folder}: images are the .jpg files "
+                          "directly in it; move it out")
+    return [f for f in folder.entries(pafs.FileType.File) if f.name.lower().endswith(".jpg")]
+
+
 _TEST_RE = re.compile(r"^test_(\d+)$")
 
 
@@ -104,7 +116,16 @@ def read_sample_submission(path: Path | str | Location) -> list[str]:
         header = next(reader, None)
         if header is None or header[:1] != ["image_name"]:
             raise LayoutError(f"{loc}: expected a header starting with image_name, got {header}")
-        return [row[0] for row in reader if row]
+        names, seen = [], {}
+        for row in reader:
+            if not row:
+                continue
+            if row[0] in seen:  # the submission would hold the row twice
+                raise LayoutError(f"{loc}:{reader.line_num}: image {row[0]} is listed twice (first on line "
+                                  f"{seen[row[0]]})")
+            seen[row[0]] = reader.line_num
+            names.append(row[0])
+        return names
     except csv.Error as e:
         raise LayoutError(f"{loc}: not valid CSV ({e})") from None
 
@@ -116,7 +137,7 @@ def test_images(layout: Layout) -> tuple[list[str], dict[str, Location]]:
     """
     paths: dict[str, Location] = {}
     for d in layout.test_dirs:
-        for p in d.files(".jpg"):
+        for p in image_files(d):
             if p.stem in paths:
                 raise LayoutError(f"test image {p.stem} is in both {paths[p.stem].parent} and {d}")
             paths[p.stem] = p

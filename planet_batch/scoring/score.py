@@ -25,7 +25,7 @@ from planet_batch.cluster.runtime import ProgressLine, ensure_ray, interrupt_mai
 from planet_batch.cluster.storage import Location, StorageError, elsewhere, existing_dir, locate, read_placement
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.data.labels import decode
-from planet_batch.data.layout import LayoutError, find_layout, submission_order, test_images
+from planet_batch.data.layout import LayoutError, find_layout, image_files, submission_order, test_images
 from planet_batch.data.submission import write_submission
 from planet_batch.data.transforms import decode_batch
 from planet_batch.scoring import ScoreError
@@ -82,7 +82,7 @@ def expected_images(cfg: ScoreConfig) -> Inputs:
         folder = existing_dir(cfg.images, "--images")
     except StorageError as e:
         raise LayoutError(str(e)) from None
-    files = folder.files(".jpg")
+    files = image_files(folder)
     if not files:
         raise LayoutError(f"no .jpg images in {folder}")
     return Inputs(submission_order([p.stem for p in files]), files, [folder])
@@ -138,8 +138,8 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
 
 def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], sources: list[Location],
                      placement: dict | None, n_images: int, where: str):
-    """files (folders, or the files still to score) -> read+decode tasks (on the data's node when only it has
-    the files) -> predictor actors (then on the other nodes: the pinned tasks keep that node's CPUs). Returns the
+    """The files still to score -> read+decode tasks (on the data's node when only it has the files) -> predictor
+    actors (then on the other nodes: the pinned tasks keep that node's CPUs). Returns the
     dataset and the actors' mode."""
     import ray
 
@@ -153,8 +153,11 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
     # Whole read blocks (batch_size=None) let Ray Data fuse reading and decoding into one task,
     # so raw bytes never pass through the object store and no extra worker process starts;
     # the fused task inherits the read's placement.
+    # The files the checks listed (layout.image_files), never a folder: Ray Data's folder reads recurse and would
+    # read what the checks did not see. (Ray sizes a list of paths with a stat each on a local disk; on an object
+    # store with one listing when they share a folder, else with parallel requests: its _expand_paths.)
     ds = ray.data.read_binary_files([f.path for f in sources], filesystem=sources[0].fs, include_paths=True,
-                                    file_extensions=["jpg"], label_selector=placement)
+                                    label_selector=placement)
     ds = ds.map_batches(decode_batch, fn_kwargs={"size": ensemble.size, "keep_bad": True},
                         batch_size=None, batch_format="numpy")
     return mode, ds.map_batches(
@@ -332,9 +335,7 @@ def score(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], inputs: Inpu
         ensure_ray()
         quiet_data_progress()
         placement = read_placement(inputs.folders[0], cfg.data_shared)
-        # A fresh run lists the folders in Ray's read tasks; a resumed one names the missing files.
-        sources = todo if resumed else inputs.folders
-        mode, ds = scoring_pipeline(cfg, ensemble, states, sources, placement, len(todo),
+        mode, ds = scoring_pipeline(cfg, ensemble, states, todo, placement, len(todo),
                                     ", ".join(map(str, inputs.folders)))
         write_shards(ds, work, cfg, read_placement(work.root, cfg.data_shared, "the work folder"),
                      len(inputs.files), resumed)
