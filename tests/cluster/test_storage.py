@@ -56,6 +56,37 @@ def test_atomic_writes_leave_the_old_file_when_the_writer_fails(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.csv"]
 
 
+def test_atomic_writes_reach_the_disk_before_the_rename_and_the_rename_after_it(tmp_path, monkeypatch):
+    """A power loss after write_atomic leaves the old file or the whole new one: the data is fsynced before the
+    rename, and the folder (the rename itself) after it."""
+    import os
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(b))), real_replace(a, b))[1])
+    target = tmp_path / "run.json"
+    locate(target).write_atomic(lambda p: p.write_text("{}"))
+    assert [e[0] for e in events] == ["fsync", "replace", "fsync"]
+    assert events[0][1].startswith(str(tmp_path / ".run.json.")) and events[1:] == [
+        ("replace", str(target)), ("fsync", str(tmp_path))]
+
+
+def test_a_work_folder_on_s3_is_refused_unless_empty_and_removed_only_when_made(s3):
+    from planet_batch.scoring.shards import WorkFolder, WorkFolderError
+
+    fs = s3fs(s3)
+    fs.open_output_stream("planet/scratch/other-job/part-0.parquet").write(b"another job's rows")
+    with pytest.raises(WorkFolderError, match="exists and is not one"):
+        WorkFolder.open("s3://planet/scratch", {"size": 32}, overwrite=True)
+    assert fs.get_file_info("planet/scratch/other-job/part-0.parquet").size == 18
+    work = WorkFolder.open("s3://planet/work", {"size": 32}, overwrite=False)
+    fs.open_output_stream("planet/work/shards/x-0.parquet").write(b"rows")
+    work.remove()
+    assert fs.get_file_info(pafs.FileSelector("planet/work", allow_not_found=True)) == []
+
+
 def test_layout_labels_and_export_read_from_s3_equal_the_local_ones(s3, demo_root):
     remote = find_layout("s3://planet/data", need=("train", "test"))
     assert remote.kind == "competition" and str(remote.train_csv) == "s3://planet/data/train_v2.csv"

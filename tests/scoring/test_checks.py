@@ -45,7 +45,8 @@ def test_the_sample_submissions_names_must_match_the_images_once_each(export, da
     rows = sample.read_text().splitlines()
     score = ("--model", export, "--data", data, "--out", tmp_path / "s.csv")
     sample.write_text("\n".join([*rows, rows[5]]) + "\n")
-    assert refused(tmp_path, capsys, *score) == f"{sample}:{len(rows) + 1}: image test_4 is listed twice (first on line 6)"
+    assert refused(tmp_path, capsys, *score) == (
+        f"{sample}:{len(rows) + 1}: image test_4 is listed twice (first on line 6)")
     sample.write_text("\n".join([*rows, "test_999,clear"]) + "\n")
     assert refused(tmp_path, capsys, *score) == (
         f"1 images of the sample submission are not in {data / 'test-jpg'}, {data / 'test-jpg-additional'}, "
