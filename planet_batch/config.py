@@ -185,6 +185,8 @@ class TrainConfig:
                       "model on a valid_pct split", le=1000)
     parallel_folds: Int = flag(0, group=RAY, help="folds trained at once (default: as many as the cluster holds)",
                                ge=0, le=1000)
+    strict: Bool = flag(False, group=RUN, help="fail before training when a labelled image cannot be read, instead of "
+                        "skipping it (listed in RUN_DIR/bad_images.csv)")
     overwrite: Bool = flag(False, group=RUN, help="start the run folder over; without it the same command resumes an "
                            "interrupted run where it stopped, and another config on that folder is refused")
 
@@ -213,7 +215,7 @@ class TrainConfig:
 # Settings that change how a run is carried out, not the model it trains: a rerun on the same run folder (or of a
 # K-fold run's finished folds) may change them.
 HOW_NOT_WHAT = ("parallel_folds", "max_failures", "storage", "autoscale", "placement_strategy", "data_shared",
-                "overwrite")
+                "overwrite", "strict")
 
 INPUT, OUTPUT, SCORING = "input", "output", "scoring"
 

@@ -287,7 +287,8 @@ def write_atomic(path: Path | str, write: Callable[[Path], object]) -> None:
 
     The file is fsynced before the rename and its folder after it, so that after a power loss the name holds the
     old file or the whole new one, never an empty one (a rename can reach the disk before the data it names).
-    Measured on the demo's run: 0.3 ms a write on this machine's disk; docs/reliability.md.
+    Measured on the 12 writes of a demo run (bench/atomic_writes.py): +0.3 ms a small file, +1.3-2.2 ms a 19 MB
+    model.pt, 10.8 ms in all.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

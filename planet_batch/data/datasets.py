@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.fs as pafs
 
-from planet_batch.cluster.storage import Location
+from planet_batch.cluster.storage import Location, StorageError
 from planet_batch.data.labels import Labels, read_labels
 from planet_batch.data.layout import find_layout, split_indices
-from planet_batch.data.transforms import augment_batch, decode_batch
+from planet_batch.data.transforms import DecodeError, augment_batch, decode_batch, decode_image, image_name
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,10 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def without(self, names: set[str]) -> Split:
+        """This split less the images named in `names`."""
+        return self.part(np.asarray([i for i, n in enumerate(self.names) if n not in names], dtype=np.int64))
 
     def part(self, index) -> Split:
         """The images at `index` (a slice or an index array), same filesystem."""
@@ -101,3 +105,30 @@ def labelled_dataset(split: Split, size: int, augment: bool, rows_per_block: int
         batch_format="numpy",
         label_selector=label_selector,
     )
+
+
+def check_batch(batch: dict, size: int, fs: pafs.FileSystem) -> dict:
+    """{path} -> {name, error} of the images among them that cannot be read or decoded (none when all can)."""
+    bad: list[tuple[str, str]] = []
+    for path in batch["path"]:
+        try:
+            decode_image(Location(fs, path).read_bytes(), size, image_name(path))
+        except DecodeError as e:
+            bad.append((e.name, e.reason))
+        except StorageError as e:
+            bad.append((image_name(path), str(e)))
+    return {"name": np.asarray([n for n, _ in bad], dtype=object),
+            "error": np.asarray([e for _, e in bad], dtype=object)}
+
+
+def unreadable(split: Split, size: int, label_selector: dict[str, str] | None = None,
+               rows_per_block: int = 64) -> dict[str, str]:
+    """name -> why, for the images of `split` that cannot be read or decoded at `size`: one decode pass in Ray Data
+    tasks (where `label_selector` puts the reads), before any training."""
+    import ray
+
+    ds = ray.data.from_items([{"path": p} for p in split.paths],
+                             override_num_blocks=max(1, -(-len(split) // rows_per_block)))
+    rows = ds.map_batches(check_batch, fn_kwargs={"size": size, "fs": split.fs}, batch_size=rows_per_block,
+                          batch_format="numpy", label_selector=label_selector).take_all()
+    return {r["name"]: r["error"] for r in rows}

@@ -121,9 +121,7 @@ def _check_row(path: Location, line: int, name: str, tag_list: list[str], seen: 
 
 
 def check_images_exist(label_path: Location, names: Sequence[str], image_dir: Location) -> None:
-    from planet_batch.data.layout import image_files
-
-    on_disk = {p.stem for p in image_files(image_dir)}
+    on_disk = {p.stem for p in image_dir.files(".jpg")}  # (read as NAME.jpg: datasets.labelled_split)
     missing = [n for n in names if n not in on_disk]
     if missing:
         raise LabelFileError(

@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from planet_batch.cluster.runtime import DATA_CPUS, check_capacity, ensure_ray
-from planet_batch.cluster.storage import Location, locate, write_atomic
+from planet_batch.cluster.storage import Location, locate, read_placement, write_atomic
 from planet_batch.config import ConfigError, TrainConfig, from_dict, to_dict
 from planet_batch.data.datasets import Split, labelled_split, load_labelled_batch
 from planet_batch.data.labels import TAGS
@@ -32,7 +32,7 @@ from planet_batch.tracking import RUN_FILE, Run, Tracker, finish_on_error
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import fbeta, tune_thresholds
 from planet_batch.training.run_folder import claim_run_folder, own_run_folder, same_run, write_metrics
-from planet_batch.training.train import open_run, run_training
+from planet_batch.training.train import open_run, run_training, skip_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fol
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
+    bad = skip_unreadable([f.held_out for f in folds], cfg, run_dir, read_placement(data, cfg.data_shared))
+    folds = [Fold(f.index, f.train.without(bad), f.held_out.without(bad)) for f in folds]
     # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.
     parallel = 1 if cfg.workers == 0 else min(cfg.parallel_folds, cfg.folds) if cfg.parallel_folds \
         else folds_that_fit(cfg)

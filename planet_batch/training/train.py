@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import torch
 
 from planet_batch.cluster.runtime import (
@@ -24,9 +26,9 @@ from planet_batch.cluster.runtime import (
     torch_threads,
     verbose,
 )
-from planet_batch.cluster.storage import beside_reads, locate, read_placement
+from planet_batch.cluster.storage import beside_reads, locate, read_placement, write_atomic
 from planet_batch.config import TrainConfig, save_config, to_dict
-from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split
+from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split, unreadable
 from planet_batch.data.labels import TAGS
 from planet_batch.export import load_export
 from planet_batch.model import build_model, normalization
@@ -142,8 +144,8 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
             name=name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            # Ranked by `stage_end` (1 at a stage's last epoch): every stage's last checkpoint and the newest
-            # other one stay; the latest is never deleted.
+            # Ranked by `stage_end` (1 at a stage's last epoch), ties by recency: every stage's last checkpoint and
+            # the newest others stay, at least the latest and the one before it (worker.restore falls back to it).
             checkpoint_config=CheckpointConfig(num_to_keep=len(cfg.stages) + 1, checkpoint_score_attribute="stage_end",
                                                checkpoint_score_order="max"),
             # Ray Train's own console lines (worker group start, checkpoint created, ...) at WARNING unless
@@ -172,6 +174,28 @@ def check_batches(cfg: TrainConfig, n_train: int) -> None:
             f"batch_size {cfg.batch_size} is larger than the {per_worker} training images each of "
             f"{max(1, cfg.workers)} workers gets; lower batch_size or workers"
         )
+
+
+def skip_unreadable(splits: list[Split], cfg: TrainConfig, run_dir: Path, reads: dict[str, str] | None) -> set[str]:
+    """Every labelled image decoded once, before any training (a corrupt chip would fail every worker group's
+    restart): the unreadable ones are listed in RUN/bad_images.csv with one warning and skipped, or with --strict
+    fail the job here. Their names."""
+    every = Split(tuple(n for s in splits for n in s.names), tuple(p for s in splits for p in s.paths),
+                  np.concatenate([s.targets for s in splits]), splits[0].fs)
+    bad = unreadable(every, max(st.size for st in cfg.stages), reads)
+    listing = run_dir / "bad_images.csv"
+    if not bad:
+        listing.unlink(missing_ok=True)  # (an earlier run's list: run_folder.WRITTEN)
+        return set()
+    write_atomic(listing, lambda p: pd.DataFrame({"image_name": list(bad), "error": list(bad.values())})
+                 .to_csv(p, index=False))
+    first = next(iter(bad))
+    if cfg.strict:
+        raise TrainError(f"{len(bad)} unreadable training images (--strict), first {first}: {bad[first]}; all "
+                         f"listed in {listing}")
+    log.warning("%d unreadable training images skipped (first %s: %s), listed in %s", len(bad), first, bad[first],
+                listing)
+    return set(bad)
 
 
 def check_start_files(cfg: TrainConfig) -> None:
@@ -225,6 +249,10 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
             check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
         quiet_data_progress()
         reads = read_placement(data, cfg.data_shared)
+        if split is None:  # (K folds check every image once, for all their folds)
+            bad = skip_unreadable([train, valid], cfg, run_dir, reads)
+            train, valid = train.without(bad), valid.without(bad)
+            check_batches(cfg, len(train))
         workers_at = beside_reads(reads, cfg.workers, cfg.cpus_per_worker, cfg.gpu, side_by_side, cfg.autoscale)
         save_config(cfg, run_dir / "config.yaml")
         log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",

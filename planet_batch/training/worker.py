@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import pickle
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from planet_batch.cluster.runtime import ProgressLine, setup_logging
 from planet_batch.config import Stage, TrainConfig, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import Normalization
+from planet_batch.errors import first_line
 from planet_batch.model import build_model, compile_or_eager, resolve_precision, set_frozen, training_setup
 from planet_batch.tracking import Run
 from planet_batch.training.steps import (
@@ -74,6 +76,43 @@ def read_state(checkpoint) -> dict:
     """The training state a checkpoint holds (tensors and plain data only: `weights_only`)."""
     with checkpoint.as_directory() as d:
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+
+
+# What torch.load raises for a state.pt cut short or overwritten (measured: RuntimeError "PytorchStreamReader failed
+# reading zip archive", EOFError, UnpicklingError), and a checkpoint folder gone from storage (OSError).
+UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
+
+
+def restore(rank: int, fold: str = "") -> dict | None:
+    """The state to resume from: Ray Train's latest checkpoint, or when that one cannot be read (a disk that filled,
+    a partial upload), the newest of the others Ray kept that can (it keeps each stage's end and at least the
+    epoch before the latest: train.fit_run), with one warning; None for a fresh run (or, with a warning, when no
+    checkpoint can be read)."""
+    import ray.train
+
+    latest = ray.train.get_checkpoint()
+    if latest is None:
+        return None
+    try:
+        return read_state(latest)
+    except UNREADABLE as e:
+        problem = first_line(e)
+    older = sorted((r for r in ray.train.get_all_reported_checkpoints() if r.checkpoint.path != latest.path),
+                   key=lambda r: r.metrics.get("step", 0), reverse=True)
+    for reported in older:
+        try:
+            state = read_state(reported.checkpoint)
+        except UNREADABLE:
+            continue
+        if rank == 0:
+            log.warning("%sthe latest checkpoint (%s) cannot be read (%s): resuming from the one of epoch %d, %s",
+                        fold_prefix(fold), latest.path, problem, reported.metrics.get("epoch", -1),
+                        reported.checkpoint.path)
+        return state
+    if rank == 0:
+        log.warning("%sno checkpoint of this run can be read (the latest, %s: %s): starting the run over",
+                    fold_prefix(fold), latest.path, problem)
+    return None
 
 
 @dataclass(frozen=True)
@@ -158,9 +197,7 @@ class Worker:
         self.compiled = False
 
     def run(self) -> None:
-        import ray.train
-
-        saved = read_state(c) if (c := ray.train.get_checkpoint()) else None
+        saved = restore(self.rank, self.fold)
         start = self.resume_position(saved)
         if start.stage == len(self.cfg.stages):
             return

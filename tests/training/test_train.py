@@ -8,12 +8,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from reference import plain_probs
 
@@ -159,11 +161,28 @@ def test_validation_is_decoded_once_per_size_and_sliced_across_workers(ray_local
     assert sorted(r["target"].tobytes() for r in rows) == sorted(t.tobytes() for t in valid.targets)
 
 
-def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, demo_root, tmp_path):
+@pytest.fixture
+def corrupt_root(demo_root, tmp_path):
+    """The demo data with one training chip cut short (a download or a disk that failed)."""
+    root = shutil.copytree(demo_root, tmp_path / "corrupt", ignore=shutil.ignore_patterns("test-jpg*"))
+    chip = root / "train-jpg" / "train_3.jpg"
+    chip.write_bytes(chip.read_bytes()[:300])
+    return root
+
+
+def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, corrupt_root, demo_root, tmp_path,
+                                                                     caplog):
+    """(On data with an unreadable chip: skipped, named in bad_images.csv and one warning, as scoring does.)"""
     stages = [{"name": "only", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     first = tmp_path / "first"
-    run_training(cfg(stages, "workers=0"), demo_root, first)
+    export = run_training(cfg(stages, "workers=0"), corrupt_root, first)
     assert len(metrics_rows(first)) == 1
+    with open(first / "bad_images.csv") as f:
+        (bad,) = list(csv.DictReader(f))
+    assert bad["image_name"] == "train_3" and "truncated" in bad["error"].lower()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "unreadable" in r.message]
+    assert warning.startswith("1 unreadable training images skipped (first train_3: ")
+    assert load_export(export).metrics["n_valid"] == 16 - ("train_3" in train_valid_split(demo_root)[1].names)
     again = [{**stages[0], "name": "again", "start_from": str(first / "stages" / "only.pt")}]
     run_training(cfg(again, "workers=0"), demo_root, tmp_path / "second")
     assert [r["stage"] for r in metrics_rows(tmp_path / "second")] == ["again"]
@@ -191,6 +210,38 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, t
                                                              for i, r in enumerate(rows)], key
 
 
+def test_a_restart_whose_latest_checkpoint_is_cut_short_resumes_from_the_one_before(ray_local, demo_root, tmp_path):
+    """Rank 0 pauses in epoch 2; the test cuts epoch 1's state.pt short (the latest checkpoint) and arms a kill; the
+    restarted group resumes from epoch 0's checkpoint, with one warning, and the run still has each epoch once."""
+    stages = [{"name": "cut", "size": 32, "epochs": 4, "frozen": True, "lr": 0.01}]
+    pause, kill, run = "train:cut:2:0:0", "train:cut:2:1:0", tmp_path / "run"
+    fault_file(ray_local, pause, "pause").touch()
+    cut = []
+
+    def cut_the_latest():
+        deadline = time.monotonic() + 240
+        while not fault_file(ray_local, pause, "paused").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        latest = sorted((run / "ray").glob("*/checkpoint_*/state.pt"))[-1]
+        latest.write_bytes(latest.read_bytes()[:1000])
+        cut.append(latest)
+        fault_file(ray_local, kill).touch()
+        fault_file(ray_local, pause, "paused").unlink()
+
+    cutter = threading.Thread(target=cut_the_latest, daemon=True)
+    cutter.start()
+    run_training(cfg(stages, "max_failures=2"), demo_root, run)
+    cutter.join()
+    assert cut and fault_file(ray_local, kill, "fired").exists(), "the fault never fired"
+    assert [int(r["epoch"]) for r in metrics_rows(run)] == [0, 1, 2, 3]
+    assert torch.load(run / "stages" / "cut.pt", weights_only=True)["resumed_after"] == [0]
+    # The workers' console (this module's Ray keeps it in its session logs): one warning, from rank 0
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    warnings = [ln for f in logs.glob("worker-*.err") for ln in f.read_text(errors="replace").splitlines()
+                if f"the latest checkpoint ({cut[0].parent}) cannot be read" in ln]
+    assert len(warnings) == 1 and "resuming from the one of epoch 0" in warnings[0], warnings
+
+
 @pytest.mark.parametrize(
     "overrides, error, match",
     [
@@ -207,6 +258,14 @@ def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrid
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
+def test_an_unreadable_training_image_fails_a_strict_run_before_training(ray_local, corrupt_root, tmp_path):
+    stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
+    with pytest.raises(TrainError, match=r"^1 unreadable training images \(--strict\), first train_3: .*Truncated.*; "
+                       f"all listed in {tmp_path / 'run' / 'bad_images.csv'}$"):
+        run_training(cfg(stages, "strict=true"), corrupt_root, tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.csv").exists()
+
+
 def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tmp_path):
     import planet_batch.training.train as train
 
@@ -217,6 +276,7 @@ def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tm
     monkeypatch.setattr(train, "check_capacity", lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
     monkeypatch.setattr(train, "fit_run", stop_before_training)
     monkeypatch.setattr(train, "quiet_data_progress", lambda: None)
+    monkeypatch.setattr(train, "unreadable", lambda *a: {})
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     with pytest.raises(RuntimeError, match="reached Ray Train"):
         run_training(cfg(stages, "autoscale=true", "workers=4", "gpu=true"), demo_root, tmp_path / "run")
