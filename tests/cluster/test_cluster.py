@@ -39,8 +39,19 @@ def cluster(tmp_path_factory):
 
 
 # First in the module: it runs its own cluster, before the shared one is started.
+def committed(work) -> dict[str, bytes]:
+    """The work folder's committed id files (each a whole shard), by name."""
+    return {p.name: p.read_bytes() for p in (work / "commits").glob("*.parquet")
+            if not p.name.endswith(".pending.parquet")} if (work / "commits").is_dir() else {}
+
+
+def committed_rows(work) -> int:
+    return sum(pq.ParquetFile(work / "commits" / name).metadata.num_rows for name in committed(work))
+
+
 def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_failure(demo_root, tmp_path):
-    """Stop the worker node while the cluster scores: never a short or duplicated file."""
+    """Stop the worker node while the cluster scores: never a short or duplicated file; the shards committed before
+    the loss are kept, and the same command again scores only what they do not hold."""
     from ray.job_submission import JobStatus
 
     from planet_batch.data.demo_data import write_demo_data
@@ -50,12 +61,15 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
     export = tiny_export(tmp_path / "export", size=96)
     out = tmp_path / "out" / "submission.csv"
     out.parent.mkdir()
+    work = out.parent / "submission.csv.parts"
+    # The stall limit counts from the start: on a slower 2-core machine the first 100-row shard (actors importing
+    # torch, then 800 TTA views) took over 30 s and the job failed before the node was stopped. --keep-parts: the
+    # shards stay after a success too, for the rerun below.
+    command = (f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
+               "--stall-timeout 90 --shard-rows 100 --keep-parts")
     with two_node_cluster(tmp_path) as c:
         jobs = client(c)
-        # The stall limit counts from the start: on a slower 2-core machine the first 100-row shard (actors
-        # importing torch, then 800 TTA views) took over 30 s and the job failed before the node was stopped.
-        job = submit(jobs, f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --tta "
-                           "--stall-timeout 90 --shard-rows 100")
+        job = submit(jobs, command)
         ended = (JobStatus.SUCCEEDED, JobStatus.FAILED)
         # Actors on the worker node are sometimes still starting when the work is done (2 shared cores):
         # stop the node once scoring runs, whatever it holds then (actors, decode tasks, blocks).
@@ -67,17 +81,27 @@ def test_losing_a_worker_node_mid_scoring_gives_a_whole_submission_or_a_loud_fai
         # The node to be lost holds scoring actors (with the data local to the head, they all run there).
         assert c["worker_id"] in held, held
         stop(c["worker"])
+        before_loss = committed(work)
         wait_for(lambda: jobs.get_job_status(job) in ended, 240, "the job's end")
         status, logs = jobs.get_job_status(job), jobs.get_job_logs(job)
-    files = sorted(p.name for p in out.parent.iterdir())
-    reasons = [line for line in logs.splitlines() if "score: error:" in line or line.startswith("ray.exceptions.")]
-    # The outcome, for docs/reliability.md (visible with -s).
-    print(f"after losing the worker node (actors on {nodes} nodes): {status}; {files}; {reasons}")
-    if status == JobStatus.SUCCEEDED:
-        assert check_submission(out, data / "sample_submission_v2.csv") == [], logs[-3000:]
-    else:  # a loud failure: our stall error or Ray's own, and nothing written
-        assert reasons, logs[-3000:]
-        assert "submission.csv" not in files and not any(".tmp" in f for f in files), files
+        files = sorted(p.name for p in out.parent.iterdir())
+        reasons = [line for line in logs.splitlines() if "score: error:" in line or line.startswith("ray.exceptions.")]
+        # The outcome, for docs/reliability.md (visible with -s).
+        print(f"after losing the worker node (actors on {nodes} nodes): {status}; {files}; {reasons}; "
+              f"{len(before_loss)} shards committed at the loss")
+        if status == JobStatus.SUCCEEDED:
+            assert check_submission(out, data / "sample_submission_v2.csv") == [], logs[-3000:]
+            out.unlink()
+        else:  # a loud failure: our stall error or Ray's own, and nothing written
+            assert reasons, logs[-3000:]
+            assert "submission.csv" not in files and not any(".tmp" in f for f in files), files
+        after = committed(work)
+        assert all(after.get(name) == data_ for name, data_ in before_loss.items()), "a committed shard changed"
+        kept = committed_rows(work)
+        rerun = run_job(c, command).logs  # the head alone now
+    summary = json.loads((out.parent / "score_summary.json").read_text())
+    assert summary["resumed_images"] == kept and summary["scored_images"] == 1500 - kept, (summary, rerun[-2000:])
+    assert check_submission(out, data / "sample_submission_v2.csv") == []
 
 
 def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
@@ -98,17 +122,13 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     command = (f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --shard-rows 50 "
                "--precision fp32")
 
-    def committed():
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in (work / "commits").glob("*.parquet")
-                   if not p.name.endswith(".pending.parquet")) if work.exists() else 0
-
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     with two_node_cluster(tmp_path / "first") as c:
         job = submit(client(c), command)
-        wait_for(lambda: committed() >= 250, 240, "a third of the rows")
+        wait_for(lambda: committed_rows(work) >= 250, 240, "a third of the rows")
         stop(c["head"])
-    kept = committed()
+    kept = committed_rows(work)
     assert not out.exists() and kept < 750
     with two_node_cluster(tmp_path / "second", worker_node=False) as c:
         logs = run_job(c, command).logs

@@ -87,6 +87,31 @@ def test_a_work_folder_on_s3_is_refused_unless_empty_and_removed_only_when_made(
     assert fs.get_file_info(pafs.FileSelector("planet/work", allow_not_found=True)) == []
 
 
+def test_two_machines_with_the_same_run_folder_path_keep_their_own_ray_runs_on_s3(s3, tmp_path):
+    """Machine A's run and machine B's at the same path share one --storage bucket: B's --overwrite removes B's Ray
+    Train run only."""
+    import shutil
+
+    from planet_batch.config import TrainConfig, load_config, save_config
+    from planet_batch.training.run_folder import claim_run_folder, run_name
+
+    tiny = ["arch=resnet18", 'stages=[{"name": "s", "size": 32, "epochs": 1, "frozen": true, "lr": 0.01}]',
+            "storage=s3://planet/ray-train"]
+    cfg, over = load_config(TrainConfig, None, tiny), load_config(TrainConfig, None, [*tiny, "overwrite=true"])
+    fs, run = s3fs(s3), tmp_path / "runs" / "lite0"
+    names = []
+    for machine in "ab":
+        shutil.rmtree(run, ignore_errors=True)  # each machine its own disk
+        claim_run_folder(run, cfg)
+        names.append(run_name(run))
+        fs.open_output_stream(f"planet/ray-train/{names[-1]}/checkpoint_0/state.pt").write(machine.encode())
+        save_config(cfg, run / "config.yaml")
+    claim_run_folder(run, over)  # machine B starts over
+    assert fs.get_file_info(f"planet/ray-train/{names[0]}/checkpoint_0/state.pt").size == 1
+    assert fs.get_file_info(f"planet/ray-train/{names[1]}/checkpoint_0/state.pt").type == pafs.FileType.NotFound
+    assert names[0] != names[1] and run_name(run) not in names
+
+
 def test_layout_labels_and_export_read_from_s3_equal_the_local_ones(s3, demo_root):
     remote = find_layout("s3://planet/data", need=("train", "test"))
     assert remote.kind == "competition" and str(remote.train_csv) == "s3://planet/data/train_v2.csv"
