@@ -186,7 +186,7 @@ class TrainConfig:
     parallel_folds: Int = flag(0, group=RAY, help="folds trained at once (default: as many as the cluster holds)",
                                ge=0, le=1000)
     strict: Bool = flag(False, group=RUN, help="fail before training when a labelled image cannot be read, instead of "
-                        "skipping it (listed in RUN_DIR/bad_images.csv)")
+                        "skipping it (listed in RUN_DIR/bad_train_images.csv)")
     overwrite: Bool = flag(False, group=RUN, help="start the run folder over; without it the same command resumes an "
                            "interrupted run where it stopped, and another config on that folder is refused")
 

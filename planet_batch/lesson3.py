@@ -10,7 +10,7 @@ from pathlib import Path
 from planet_batch.config import ScoreConfig, TrainConfig
 from planet_batch.data.submission import check_submission
 from planet_batch.errors import PlanetBatchError
-from planet_batch.scoring.score import ScoreSummary, run_scoring
+from planet_batch.scoring.score import ScoreSummary, expected_images, run_scoring
 from planet_batch.tracking import Tracker
 from planet_batch.training.folds import train
 
@@ -42,6 +42,7 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
                             overwrite=True, data_shared=train_cfg.data_shared,
                             probs_out=str(run_dir / "probs.parquet"), **score_fields)
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
+    expected_images(score_cfg)  # and the sample submission against the test images, as scoring checks them
     export = train(train_cfg, data_root, run_dir, tracker)  # one model, or with folds: K the fold ensemble
     summary = run_scoring(dataclasses.replace(score_cfg, model=(str(export),)), tracker)
     problems = check_submission(summary.output, layout.sample_submission)

@@ -71,7 +71,7 @@ def ray_storage(cfg: TrainConfig, run_dir: Path) -> str:
 RUN_ID_FILE = "run.json"
 # What training writes into a run folder (K folds: fold-i/, oof.parquet); the default Ray storage is `ray/`.
 WRITTEN = ("config.yaml", "stages", "export", "metrics.csv", "losses.png", RUN_FILE, "ray", "oof.parquet",
-           "bad_images.csv")
+           "bad_train_images.csv")
 FOLD_DIR = re.compile(r"fold-\d+$")
 
 

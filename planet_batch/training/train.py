@@ -178,12 +178,12 @@ def check_batches(cfg: TrainConfig, n_train: int) -> None:
 
 def skip_unreadable(splits: list[Split], cfg: TrainConfig, run_dir: Path, reads: dict[str, str] | None) -> set[str]:
     """Every labelled image decoded once, before any training (a corrupt chip would fail every worker group's
-    restart): the unreadable ones are listed in RUN/bad_images.csv with one warning and skipped, or with --strict
+    restart): the unreadable ones are listed in RUN/bad_train_images.csv with one warning and skipped, or with --strict
     fail the job here. Their names."""
     every = Split(tuple(n for s in splits for n in s.names), tuple(p for s in splits for p in s.paths),
                   np.concatenate([s.targets for s in splits]), splits[0].fs)
     bad = unreadable(every, max(st.size for st in cfg.stages), reads)
-    listing = run_dir / "bad_images.csv"
+    listing = run_dir / "bad_train_images.csv"  # (lesson3 writes the test images' bad_images.csv beside it)
     if not bad:
         listing.unlink(missing_ok=True)  # (an earlier run's list: run_folder.WRITTEN)
         return set()

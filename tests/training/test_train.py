@@ -172,12 +172,12 @@ def corrupt_root(demo_root, tmp_path):
 
 def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, corrupt_root, demo_root, tmp_path,
                                                                      caplog):
-    """(On data with an unreadable chip: skipped, named in bad_images.csv and one warning, as scoring does.)"""
+    """(On data with an unreadable chip: skipped, named in bad_train_images.csv and one warning, as scoring does.)"""
     stages = [{"name": "only", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     first = tmp_path / "first"
     export = run_training(cfg(stages, "workers=0"), corrupt_root, first)
     assert len(metrics_rows(first)) == 1
-    with open(first / "bad_images.csv") as f:
+    with open(first / "bad_train_images.csv") as f:
         (bad,) = list(csv.DictReader(f))
     assert bad["image_name"] == "train_3" and "truncated" in bad["error"].lower()
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "unreadable" in r.message]
@@ -261,7 +261,7 @@ def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrid
 def test_an_unreadable_training_image_fails_a_strict_run_before_training(ray_local, corrupt_root, tmp_path):
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     with pytest.raises(TrainError, match=r"^1 unreadable training images \(--strict\), first train_3: .*Truncated.*; "
-                       f"all listed in {tmp_path / 'run' / 'bad_images.csv'}$"):
+                       f"all listed in {tmp_path / 'run' / 'bad_train_images.csv'}$"):
         run_training(cfg(stages, "strict=true"), corrupt_root, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
