@@ -31,7 +31,13 @@ from planet_batch.model import inference, resolve_precision
 from planet_batch.tracking import RUN_FILE, Run, Tracker, finish_on_error
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import fbeta, tune_thresholds
-from planet_batch.training.run_folder import claim_run_folder, own_run_folder, same_run, write_metrics
+from planet_batch.training.run_folder import (
+    check_run_folder,
+    claim_run_folder,
+    mark_run_folder,
+    same_run,
+    write_metrics,
+)
 from planet_batch.training.train import open_run, run_training, skip_unreadable
 
 log = logging.getLogger(__name__)
@@ -127,7 +133,7 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, trac
     run_dir = Path(run_dir).resolve()
     data = locate(data_root)
     folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
-    own_run_folder(run_dir)
+    check_run_folder(run_dir)
     for f in folds:  # as is another config on a fold's run folder
         claim_run_folder(run_dir / f.name, cfg)
     if cfg.overwrite:
@@ -153,6 +159,7 @@ def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fol
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
+    mark_run_folder(run_dir)
     bad = skip_unreadable([f.held_out for f in folds], cfg, run_dir, read_placement(data, cfg.data_shared))
     folds = [Fold(f.index, f.train.without(bad), f.held_out.without(bad)) for f in folds]
     # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.

@@ -94,8 +94,8 @@ def new_run_id(run_dir: Path) -> None:
     write_atomic(run_dir / RUN_ID_FILE, lambda p: p.write_text(json.dumps({"run_id": uuid.uuid4().hex[:12]})))
 
 
-def own_run_folder(run_dir: Path) -> None:
-    """Make `run_dir` a run folder, or refuse one that holds what training would write but did not (module doc)."""
+def check_run_folder(run_dir: Path) -> None:
+    """Refuse a folder that holds what training would write but did not write (module doc); writes nothing."""
     if (run_dir / RUN_ID_FILE).is_file():
         run_id(run_dir)
         return
@@ -106,7 +106,12 @@ def own_run_folder(run_dir: Path) -> None:
     if theirs:
         raise TrainError(f"run folder {run_dir} holds {', '.join(theirs)}, not written by planet-batch (no "
                          f"{RUN_ID_FILE}): give another --out; nothing there is touched")
-    new_run_id(run_dir)
+
+
+def mark_run_folder(run_dir: Path) -> None:
+    """Make a checked folder a run folder (its run.json with a new run id), at training's first write to it."""
+    if not (run_dir / RUN_ID_FILE).is_file():
+        new_run_id(run_dir)
 
 
 def local_checkpoints(cfg: TrainConfig, storage: str, name: str) -> str | None:
@@ -116,8 +121,9 @@ def local_checkpoints(cfg: TrainConfig, storage: str, name: str) -> str | None:
 
 def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
     """A run folder holds one run: the same config goes on where it stopped, another is refused, and
-    `overwrite` starts over (the folder's files and its Ray Train run go, and it gets a new run id)."""
-    own_run_folder(run_dir)
+    `overwrite` starts over (the folder's files and its Ray Train run go, and it gets a new run id). A folder that
+    is not a run folder yet is only checked here (`mark_run_folder` makes it one)."""
+    check_run_folder(run_dir)
     saved = run_dir / "config.yaml"
     if not saved.exists():
         return

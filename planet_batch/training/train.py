@@ -38,6 +38,7 @@ from planet_batch.training.run_folder import (
     claim_run_folder,
     export_run,
     local_checkpoints,
+    mark_run_folder,
     ray_storage,
     run_name,
     write_run_folder,
@@ -206,9 +207,11 @@ def check_start_files(cfg: TrainConfig) -> None:
 
 def open_run(tracker: Tracker | None, cfg: TrainConfig, data, run_dir: Path, parent: Run | None = None
              ) -> Run | None:
-    """The run folder's MLflow run (a K-fold run's fold: nested under `parent`), opened before Ray starts."""
+    """The run folder's MLflow run (a K-fold run's fold: nested under `parent`), opened before Ray starts; its id is
+    kept in the run folder, which this first write makes one."""
     if tracker is None:
         return None
+    mark_run_folder(run_dir)
     return tracker.open(run_dir.name, params=flat_params(to_dict(cfg)) | {"data": str(data)},
                         tags={"planet_batch.job": "train", "planet_batch.run_folder": str(run_dir)},
                         keep_in=run_dir, parent=parent)
@@ -240,8 +243,8 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
     train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
     check_batches(cfg, len(train))
     check_start_files(cfg)
-    weights = initial_state(cfg)
     claim_run_folder(run_dir, cfg)
+    weights = initial_state(cfg)
     run = open_run(tracker, cfg, data, run_dir, parent)
     try:
         ensure_ray()
@@ -249,6 +252,7 @@ def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
             check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
         quiet_data_progress()
         reads = read_placement(data, cfg.data_shared)
+        mark_run_folder(run_dir)
         if split is None:  # (K folds check every image once, for all their folds)
             bad = skip_unreadable([train, valid], cfg, run_dir, reads)
             train, valid = train.without(bad), valid.without(bad)

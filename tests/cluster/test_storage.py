@@ -93,7 +93,7 @@ def test_two_machines_with_the_same_run_folder_path_keep_their_own_ray_runs_on_s
     import shutil
 
     from planet_batch.config import TrainConfig, load_config, save_config
-    from planet_batch.training.run_folder import claim_run_folder, run_name
+    from planet_batch.training.run_folder import claim_run_folder, mark_run_folder, run_name
 
     tiny = ["arch=resnet18", 'stages=[{"name": "s", "size": 32, "epochs": 1, "frozen": true, "lr": 0.01}]',
             "storage=s3://planet/ray-train"]
@@ -103,6 +103,7 @@ def test_two_machines_with_the_same_run_folder_path_keep_their_own_ray_runs_on_s
     for machine in "ab":
         shutil.rmtree(run, ignore_errors=True)  # each machine its own disk
         claim_run_folder(run, cfg)
+        mark_run_folder(run)  # (training's first write)
         names.append(run_name(run))
         fs.open_output_stream(f"planet/ray-train/{names[-1]}/checkpoint_0/state.pt").write(machine.encode())
         save_config(cfg, run / "config.yaml")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import py7zr
 import pytest
+from snapshots import snapshot
 
 from planet_batch.cli import main
 from planet_batch.data import kaggle
@@ -99,7 +100,7 @@ def test_download_extracts_the_competition_layout_and_skips_when_done(fake_api, 
     order, paths = ordered_test_images(layout)
     assert order == read_sample_submission(demo_root / "sample_submission_v2.csv") and len(paths) == 40
     assert (dest / "train-jpg" / "train_0.jpg").read_bytes() == (demo_root / "train-jpg" / "train_0.jpg").read_bytes()
-    assert not list(dest.glob("*.7z")) and not list(dest.glob(".*.unpack"))
+    assert not list(dest.glob("*.7z")) and not list(dest.glob(".*.unpack*"))
 
     fake_api.calls.clear()
     assert main(["download", "--to", str(dest)]) == 0
@@ -314,6 +315,24 @@ def test_a_decompression_bomb_is_stopped_at_the_disk_budget(tmp_path, kind):
     extract(archive, dest, limit=200 << 20)
     assert (dest / "train-jpg" / "zeros.jpg").stat().st_size == 64 << 20
     assert disk_budget(dest) == max(0, shutil.disk_usage(dest).free - (1 << 30))
+
+
+def test_a_link_in_a_downloaded_archive_is_one_line_and_what_was_there_stays(fake_api, tmp_path, capsys):
+    """`planet-batch download` whose test-jpg.tar.7z holds a link chain: one line naming the member, exit 2; every
+    file that was in the destination before is there byte for byte, and nothing is written outside it."""
+    inner = _tar_with(tmp_path, _cve_2025_4517_chain)
+    with py7zr.SevenZipFile(fake_api.archives / "test-jpg.tar.7z", "w") as z:
+        z.write(inner, "test-jpg.tar")
+    dest = tmp_path / "planet"
+    dest.mkdir()
+    (dest / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path)
+    assert main(["download", "--to", str(dest)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert errors == ["planet-batch download: error: test-jpg.tar: refusing link member 'b' (-> '.')"], errors
+    after = snapshot(tmp_path)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert not (tmp_path / "escaped.txt").exists() and not any(p.is_symlink() for p in dest.rglob("*"))
 
 
 def test_a_7z_declaring_more_than_the_budget_is_refused_before_anything_is_unpacked(tmp_path, monkeypatch):

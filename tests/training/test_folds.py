@@ -205,7 +205,7 @@ def test_bad_ensemble_exports_and_fold_counts_fail_with_one_line_from_the_cli(fo
     meta = json.loads((run / "fold-2" / "export" / "model.json").read_text())
     (run / "fold-2" / "export" / "model.json").write_text(json.dumps({**meta, "size": 64}))
     bad = run_cli("score", "--model", run / "export", "--data", demo_root, "--out", tmp_path / "s.csv")
-    assert bad.returncode == 2 and "member fold-2/export (17 tags, 64px) does not match fold-0/export" in bad.stderr
+    assert bad.returncode == 2 and "member fold-2/export takes 64px images, fold-0/export 32px" in bad.stderr
 
     bad = run_cli("train", "--config", "jobs/configs/demo.yaml", "--data", demo_root, "--out", tmp_path / "t",
                   "--folds", "500")

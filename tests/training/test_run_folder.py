@@ -11,7 +11,7 @@ import planet_batch.training.train as train
 from planet_batch.cli import main
 from planet_batch.config import TrainConfig, load_config
 from planet_batch.training import TrainError
-from planet_batch.training.run_folder import RUN_ID_FILE, claim_run_folder, run_name
+from planet_batch.training.run_folder import RUN_ID_FILE, claim_run_folder, mark_run_folder, run_name
 
 TINY = ["arch=resnet18", "weights=none", "batch_size=8", "workers=1", "cpus_per_worker=0.5",
         'stages=[{"name": "s1", "size": 32, "epochs": 1, "frozen": false, "lr": 0.01}]']
@@ -52,6 +52,7 @@ def test_overwrite_removes_only_what_training_wrote_and_gives_a_new_run_id(tmp_p
     (run).mkdir()
     (run / "batch.png").write_bytes(b"show_batch's grid")  # make demo writes it before training
     claim_run_folder(run, cfg)
+    mark_run_folder(run)  # (training's first write)
     first = run_name(run)
     for name in ("stages", "export", "ray/" + first):
         (run / name).mkdir(parents=True)
@@ -67,13 +68,16 @@ def test_the_same_path_on_two_machines_is_two_runs(tmp_path):
     folder has its own run id, so neither resumes (nor, with --overwrite, deletes) the other's Ray Train run."""
     cfg = load_config(TrainConfig, None, [*TINY, "storage=s3://bucket/runs"])
     run = tmp_path / "runs" / "lite0"
-    claim_run_folder(run, cfg)
-    on_a = run_name(run)
-    shutil.rmtree(run)  # machine B: the same path, its own disk
-    claim_run_folder(run, cfg)
-    on_b = run_name(run)
+    names = []
+    for _ in "ab":
+        shutil.rmtree(run, ignore_errors=True)  # machine B: the same path, its own disk
+        claim_run_folder(run, cfg)
+        mark_run_folder(run)  # (training's first write)
+        names.append(run_name(run))
+    on_a, on_b = names
     assert on_a != on_b and on_a.startswith("lite0-") and on_b.startswith("lite0-")
     claim_run_folder(run, cfg)
+    mark_run_folder(run)
     assert run_name(run) == on_b  # the same command on the same machine resumes the same run
 
 

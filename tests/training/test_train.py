@@ -18,7 +18,9 @@ import pytest
 import ray
 import torch
 from reference import plain_probs
+from snapshots import snapshot
 
+from planet_batch.cli import main
 from planet_batch.cluster.runtime import FAULT_DIR_ENV, CapacityError, fault_file
 from planet_batch.config import ConfigError, ScoreConfig, TrainConfig, load_config
 from planet_batch.data.datasets import train_valid_split
@@ -258,12 +260,19 @@ def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrid
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
-def test_an_unreadable_training_image_fails_a_strict_run_before_training(ray_local, corrupt_root, tmp_path):
+def test_an_unreadable_training_image_fails_a_strict_run_before_training(ray_local, corrupt_root, tmp_path, capsys):
+    """`planet-batch train --strict` (on this module's Ray): one line naming the chip, exit 2, no training; the
+    data byte for byte as before, and in the run folder only its run.json and the list."""
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
-    with pytest.raises(TrainError, match=r"^1 unreadable training images \(--strict\), first train_3: .*Truncated.*; "
-                       f"all listed in {tmp_path / 'run' / 'bad_train_images.csv'}$"):
-        run_training(cfg(stages, "strict=true"), corrupt_root, tmp_path / "run")
-    assert not (tmp_path / "run" / "metrics.csv").exists()
+    before, run = snapshot(corrupt_root), tmp_path / "run"
+    settings = [*TINY, f"stages={json.dumps(stages)}"]
+    assert main(["train", "--config", "jobs/configs/demo.yaml", "--data", str(corrupt_root), "--out", str(run),
+                 "--strict", *[a for t in settings for a in ("--set", t)]]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"planet-batch train: error: 1 unreadable training images \(--strict\), first train_3: "
+                        rf".*Truncated.*; all listed in {re.escape(str(run / 'bad_train_images.csv'))}", line), line
+    assert snapshot(corrupt_root) == before
+    assert sorted(p.name for p in run.iterdir()) == ["bad_train_images.csv", "run.json"]
 
 
 def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tmp_path):
