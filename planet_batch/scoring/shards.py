@@ -93,11 +93,11 @@ class WorkFolder:
             raise WorkFolderError(f"work folder {work.root} is a file; give another --work-dir")
         if kind == pafs.FileType.NotFound:
             work.create()
-        elif not work.manifest.is_file():
+        elif work.manifest_run() is None:
             entries = work.root.entries()
             if entries:
                 raise WorkFolderError(
-                    f"work folder {work.root} exists and is not one (no run.json; it holds {entries[0].name}"
+                    f"work folder {work.root} exists and is not one (no scoring run.json; it holds {entries[0].name}"
                     f"{f' and {len(entries) - 1} more' if len(entries) > 1 else ''}): give another --work-dir, "
                     "nothing there is touched")
         elif overwrite:
@@ -122,11 +122,19 @@ class WorkFolder:
         except (OSError, StorageError) as e:
             raise WorkFolderError(f"work folder {self.root}: cannot create it: {first_line(e)}") from None
 
-    def check_same_run(self, run: dict) -> None:
+    def manifest_run(self) -> dict | None:
+        """What run.json says the rows were computed with; None when there is none, or it is not scoring's (a
+        training run folder has a run.json too)."""
+        if not self.manifest.is_file():
+            return None
         try:
-            before = json.loads(self.manifest.read_bytes())
+            run = json.loads(self.manifest.read_bytes())
         except (json.JSONDecodeError, UnicodeDecodeError):
-            before = None
+            return None
+        return run if isinstance(run, dict) and "models" in run else None
+
+    def check_same_run(self, run: dict) -> None:
+        before = self.manifest_run()
         if before != run:
             what = {"models": "--model", "size": "input size", "tta": "--tta", "precision": "--precision"}
             differ = [what.get(k, k) for k in sorted(set(run) | set(before or {}))

@@ -54,8 +54,8 @@ def test_a_folder_that_is_not_a_work_folder_is_refused_and_kept_byte_for_byte(de
         args += ["--config", str(config)]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"planet-batch score: error: work folder {scratch} exists and is not one (no run.json; it holds "
-                   "empty-folder and 1 more): give another --work-dir, nothing there is touched"]
+    assert err == [f"planet-batch score: error: work folder {scratch} exists and is not one (no scoring run.json; it "
+                   "holds empty-folder and 1 more): give another --work-dir, nothing there is touched"]
     assert snapshot(tmp_path) == before
 
 
@@ -83,6 +83,18 @@ def test_overwrite_and_remove_take_only_what_scoring_wrote(tmp_path):
     assert not any((root / "shards").iterdir())
     work.remove()
     assert sorted(p.name for p in root.iterdir()) == [CREATED, "notes.txt"]
+
+
+def test_a_training_run_folder_is_no_work_folder_even_with_overwrite(tmp_path):
+    """Training's run folder holds a run.json too (its run id): never taken for a work folder."""
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    (run / "run.json").write_text('{"run_id": "0123456789ab"}')
+    (run / "export" / "model.pt").write_bytes(b"weights")
+    before = snapshot(tmp_path)
+    with pytest.raises(WorkFolderError, match="exists and is not one \\(no scoring run.json; it holds export and 1"):
+        WorkFolder.open(str(run), RUN, overwrite=True)
+    assert snapshot(tmp_path) == before
 
 
 def test_rows_of_another_run_are_refused_and_a_file_is_no_folder(tmp_path):
