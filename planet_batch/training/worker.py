@@ -78,8 +78,9 @@ def read_state(checkpoint) -> dict:
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
 
 
-# What torch.load raises for a state.pt cut short or overwritten (measured: RuntimeError "PytorchStreamReader failed
-# reading zip archive", EOFError, UnpicklingError), and a checkpoint folder gone from storage (OSError).
+# What torch.load raises for a damaged state.pt, measured: cut short, RuntimeError ("PytorchStreamReader failed reading
+# zip archive"); empty, EOFError; a flipped byte in its header or text, UnpicklingError. A checkpoint folder gone
+# from storage: OSError.
 UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
 
 
