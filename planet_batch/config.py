@@ -24,6 +24,9 @@ from planet_batch.errors import PlanetBatchError
 T = TypeVar("T")
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
 TIMM_PREFIX = "timm/"  # arch: timm/NAME, any timm model as the body (the name is checked against timm's registry)
+# Input sizes a body can take (a stage's, and so an export's): below 32 px a ResNet's five halvings leave nothing;
+# above 1024 px a batch of 64 is 800 MB of input alone (Planet's chips are 256 px).
+MIN_SIZE, MAX_SIZE = 32, 1024
 
 # Strict scalars: a quoted "2" is no int, YAML's `yes` (a bool) no str, a bool no int or float; an int is taken as
 # a float, and tuples take YAML's lists.
@@ -121,7 +124,7 @@ class Stage:
     """One `fit_one_cycle` call of the notebook."""
 
     name: Str = flag(help="the stage's name: its file stages/NAME.pt and its rows in metrics.csv", pattern=r"^[^/]+$")
-    size: Int = flag(help="input size in pixels", gt=0)
+    size: Int = flag(help=f"input size in pixels ({MIN_SIZE}-{MAX_SIZE})", ge=MIN_SIZE, le=MAX_SIZE)
     epochs: Int = flag(help="epochs of its one-cycle schedule", gt=0)
     frozen: Bool = flag(help="train the head only (the body's weights stay)")
     lr: LearningRate | tuple[LearningRate, LearningRate] = flag(

@@ -22,7 +22,7 @@ import torch
 from pydantic import AfterValidator
 
 from planet_batch.cluster.storage import Location, StorageError, locate, write_atomic
-from planet_batch.config import Float, Str, describe
+from planet_batch.config import MAX_SIZE, MIN_SIZE, Float, Str, describe
 from planet_batch.data.labels import TAG_INDEX, TAGS
 from planet_batch.data.transforms import Normalization
 from planet_batch.errors import PlanetBatchError, first_line
@@ -38,9 +38,7 @@ class ExportError(PlanetBatchError, ValueError):
 
 
 Probability = pydantic.confloat(ge=0, le=1)
-# Input sizes a body can take: below 32 px a ResNet's five halvings leave nothing; above 1024 px a batch of 64 is
-# 800 MB of input alone (Planet's chips are 256 px).
-InputSize = Annotated[int, pydantic.Field(ge=32, le=1024)]
+InputSize = Annotated[int, pydantic.Field(ge=MIN_SIZE, le=MAX_SIZE)]  # as a stage's (config.MIN_SIZE)
 
 
 def check_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
