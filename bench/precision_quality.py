@@ -64,7 +64,7 @@ def measure(model_dir: str, args) -> list[dict]:
     _, valid = train_valid_split(args.data, cfg.get("valid_pct", 0.2), cfg.get("seed", 42))
     images = np.stack([decode_image(Location(valid.fs, p).read_bytes(), export.size) for p in valid.paths])
     device = torch.device("cpu")
-    batches = [to_model_input(images[i:i + args.batch_size], device, export.normalization)
+    batches = [to_model_input(images[i:i + args.batch_size], device, export.normalize)
                for i in range(0, len(images), args.batch_size)]
     tuned = np.asarray(export.thresholds)
     results, reference = [], None

@@ -31,7 +31,7 @@ from planet_batch.data.demo_data import render, sample_tag_sets
 from planet_batch.data.labels import TAGS, decode
 from planet_batch.data.submission import write_submission
 from planet_batch.data.transforms import decode_image, to_model_input
-from planet_batch.export import load_export, save_export
+from planet_batch.export import ExportMeta, load_export, save_export
 from planet_batch.model import build_model, inference, normalization
 
 
@@ -53,9 +53,9 @@ def make_images(folder: Path, n: int) -> list[Path]:
 
 def make_export(folder: Path, arch: str, size: int) -> Path:
     model = build_model(arch, len(TAGS))
-    return save_export(folder, model.state_dict(), arch=arch, tags=TAGS, size=size,
-                       normalization=normalization(arch), threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
-                       dropout=0.5, config={}, metrics={})
+    return save_export(folder, model.state_dict(), ExportMeta(
+        arch=arch, tags=TAGS, size=size, normalize=normalization(arch), threshold=0.2,
+        thresholds=np.full(len(TAGS), 0.2)))
 
 
 def forward_rate(export_dir: Path, batch: int, threads: int, device: torch.device, seconds: float = 15.0) -> float:
@@ -63,7 +63,7 @@ def forward_rate(export_dir: Path, batch: int, threads: int, device: torch.devic
     exp = load_export(export_dir)
     model = exp.build(device)
     x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8),
-                       device, exp.normalization)
+                       device, exp.normalize)
     with inference(device):
         model(x).float().cpu()
         n, t0 = 0, time.perf_counter()
@@ -83,7 +83,7 @@ def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: in
     with inference(device):
         for i in range(0, len(paths), batch):
             images = np.stack([decode_image(p.read_bytes(), exp.size, p.stem) for p in paths[i:i + batch]])
-            probs.append(torch.sigmoid(model(to_model_input(images, device, exp.normalization)).float()).cpu().numpy())
+            probs.append(torch.sigmoid(model(to_model_input(images, device, exp.normalize)).float()).cpu().numpy())
     write_submission(out, [zip([p.stem for p in paths], decode(np.concatenate(probs), 0.2))])
     return len(paths) / (time.perf_counter() - t0)
 

@@ -26,7 +26,7 @@ from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import augment_batch, decode_image, to_model_input
 from planet_batch.export import load_export
 from planet_batch.model import build_model, normalization, set_frozen, training_setup
-from planet_batch.training.train import run_training
+from planet_batch.training.job import train
 
 
 def plain_loop_epoch_rate(paths, targets, args) -> float:
@@ -65,7 +65,7 @@ def ray_train_epoch_rate(root, run_dir, args, precision: str = "fp32") -> float:
         f"workers={args.workers}", f"cpus_per_worker={args.cpus_per_worker}", f"torch_threads={args.threads}",
         f"stages=[{json.dumps(stage)}]", f"precision={precision}",
     ])
-    run_training(cfg, root, run_dir)
+    train(cfg, root, run_dir)
     state = torch.load(Path(run_dir) / "stages" / "bench.pt", weights_only=True)
     ray.shutdown()
     assert load_export(Path(run_dir) / "export").arch == args.arch

@@ -62,7 +62,8 @@ def run_planet_batch(args, seed: int, out: Path) -> dict:
     from planet_batch.cluster.runtime import ensure_ray
     from planet_batch.config import TrainConfig, from_dict, load_config, to_dict
     from planet_batch.export import load_export
-    from planet_batch.training.folds import predict
+    from planet_batch.training.folds import Fold, FoldRun, predict
+    from planet_batch.training.job import TrainJob
     from planet_batch.training.train import run_training
 
     train, valid, test = chips(args.data, args.test_chips, args.test_seed, seed)
@@ -71,7 +72,9 @@ def run_planet_batch(args, seed: int, out: Path) -> dict:
                                   **RECIPES[args.recipe], "seed": seed, "precision": args.precision})
     ensure_ray()  # started once, outside the timing
     t0 = time.perf_counter()
-    export = load_export(run_training(cfg, args.data, out / f"pb-{seed}", split=(train, valid)))
+    # its own split of the chips, run as a fold is (no fold ensemble)
+    job = TrainJob.of(cfg, args.data, out / f"pb-{seed}")
+    export = load_export(run_training(job, FoldRun(Fold(seed, train, valid))))
     wall = time.perf_counter() - t0
     valid_probs = predict(export, valid, "fp32")
     return {**scores(predict(export, test, "fp32"), test.targets, valid_probs, valid.targets), "wall_s": wall}

@@ -110,7 +110,7 @@ def tracker(args):
 
 
 def cmd_train(args) -> None:
-    from planet_batch.training.folds import train
+    from planet_batch.training.job import train
 
     cfg = train_config(args)
     export = train(cfg, args.data, args.out, tracker(args))
@@ -295,7 +295,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # finished folds); but K folds' threads wait inside Ray Train's fit, which only a main-thread handler
         # can abort: Python's exit would wait for them (and Ray's exit-time shutdown race them, tracebacks).
         # A local Ray goes with this process (Ray's fate sharing); on a cluster, the job's actors go with
-        # their driver.
+        # their driver. What would let this go: a Ray Train run abortable from any thread (Ray 2.60 aborts only
+        # through the SIGINT handler `fit` installs on the main thread, ray-project/ray#53600).
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()

@@ -264,9 +264,10 @@ class ScoreConfig:
     compile: Compile = flag("auto", group=SPEED, help="torch.compile the model: auto (when each actor has enough "
                             "images to pay it back), on or off")
     # A cluster that lost a node can otherwise wait without end: its restarted actors may take the CPUs the read
-    # tasks need.
-    stall_timeout_s: Float = flag(600.0, group=RAY, name="--stall-timeout", help="fail after this many seconds without "
-                                  "a new shard (default 600; 0 waits forever)", ge=0, le=7 * 86400)
+    # tasks need. Ray Data's no-progress guard (DataContext.execution_no_progress_timeout_s) applies it.
+    stall_timeout_s: Float = flag(600.0, group=RAY, name="--stall-timeout", help="fail after this many seconds in "
+                                  "which no block moves, so no new shard (default 600; 0 waits forever)", ge=0,
+                                  le=7 * 86400)
 
     @field_validator("model", mode="before")
     @classmethod

@@ -62,22 +62,33 @@ def check_normalization(norm: Normalization) -> Normalization:
     return norm
 
 
+def rounded(thresholds: tuple[float, ...]) -> tuple[float, ...]:
+    return tuple(round(t, 4) for t in thresholds)
+
+
 @pydantic.dataclasses.dataclass(frozen=True)
 class ExportMeta:
-    """model.json of one model; `load_export` reads it back through this model, every field checked."""
+    """Everything scoring needs besides the weights: model.json of one model (with its format and version), every
+    field checked when it is made and when `load_export` reads it back."""
 
-    format: Literal["planet-batch-export"]
-    version: Literal[1]
     arch: Str
     tags: Annotated[tuple[Str, ...], AfterValidator(check_tags)]
     size: InputSize
     normalize: Annotated[Normalization, AfterValidator(check_normalization)]
     threshold: Probability
-    thresholds: tuple[Probability, ...]  # in the order of `tags`
+    thresholds: Annotated[tuple[Probability, ...], AfterValidator(rounded)]  # in the order of `tags`
     dropout: Annotated[Float, pydantic.Field(ge=0, lt=1)] = 0.5
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     tracking_run: Str | None = None  # the MLflow run that trained it (planet_batch.tracking)
+
+    def values(self) -> dict:
+        """Its fields (an ExportedModel's: without where its weights are)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(ExportMeta)}
+
+    def as_json(self) -> dict:
+        """model.json's content."""
+        return {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, **self.values()}
 
 
 @pydantic.dataclasses.dataclass(frozen=True)
@@ -88,25 +99,17 @@ class EnsembleMeta:
     version: Literal[1]
     members: Annotated[tuple[Str, ...], pydantic.Field(min_length=1)]
     threshold: Probability
-    thresholds: tuple[Probability, ...]  # in the order of the first member's tags
+    thresholds: Annotated[tuple[Probability, ...], AfterValidator(rounded)]  # in the first member's tags' order
     config: dict = field(default_factory=dict)
     metrics: dict = field(default_factory=dict)
     tracking_run: Str | None = None  # the K-fold run's parent MLflow run
 
 
-@dataclass(frozen=True)
-class ExportedModel:
-    arch: str
-    tags: tuple[str, ...]
-    size: int
-    normalization: Normalization
-    threshold: float
-    thresholds: tuple[float, ...]
-    dropout: float
-    config: dict
-    metrics: dict
+@pydantic.dataclasses.dataclass(frozen=True, kw_only=True, config=pydantic.ConfigDict(arbitrary_types_allowed=True))
+class ExportedModel(ExportMeta):
+    """An export as scoring loads it: its model.json and where its weights are."""
+
     weights: Location
-    tracking_run: str | None = None
 
     @property
     def to_tags(self) -> np.ndarray:
@@ -148,31 +151,13 @@ class ExportedModel:
         return model.to(device).eval()
 
 
-def save_export(
-    out_dir: Path | str,
-    model_state: dict,
-    *,
-    arch: str,
-    tags: tuple[str, ...],
-    size: int,
-    normalization: Normalization,
-    threshold: float,
-    thresholds: np.ndarray,
-    dropout: float,
-    config: dict,
-    metrics: dict,
-    tracking_run: str | None = None,
-) -> Path:
+def save_export(out_dir: Path | str, model_state: dict, meta: ExportMeta) -> Path:
+    """RUN/export (model.pt, model.json) of `meta` (an ExportedModel's own: its model.json's fields alone)."""
     out = Path(out_dir)
     write_atomic(out / "model.pt", lambda p: torch.save(model_state, p))
-    meta = ExportMeta(EXPORT_FORMAT, EXPORT_VERSION, arch, tuple(tags), size, normalization, threshold,
-                      tuple(round(float(t), 4) for t in thresholds), dropout, config, metrics, tracking_run)
-    _write_meta(out, meta)
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta.as_json(), indent=2,
+                                                                      default=dataclasses.asdict)))
     return out
-
-
-def _write_meta(out: Path, meta: ExportMeta | EnsembleMeta) -> None:
-    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(dataclasses.asdict(meta), indent=2)))
 
 
 @dataclass(frozen=True)
@@ -194,9 +179,9 @@ def save_ensemble(out_dir: Path | str, members: list[str], *, threshold: float, 
     """`members`: the member exports' folders relative to the folder that holds `out_dir` (RUN/), so a run
     folder can be moved or copied to a bucket whole. No weights of its own: the members' are the model."""
     out = Path(out_dir)
-    _write_meta(out, EnsembleMeta(ENSEMBLE_FORMAT, EXPORT_VERSION, tuple(members), threshold,
-                                  tuple(round(float(t), 4) for t in thresholds), config, metrics,
-                                  tracking_run))
+    meta = EnsembleMeta(ENSEMBLE_FORMAT, EXPORT_VERSION, tuple(members), threshold, tuple(thresholds), config,
+                        metrics, tracking_run)
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(dataclasses.asdict(meta), indent=2)))
     return out
 
 
@@ -279,6 +264,4 @@ def load_export(path: Path | str | Location) -> ExportedModel:
     m = _validate(ExportMeta, meta, meta_path)
     if len(m.thresholds) != len(m.tags):
         raise ExportError(f"{meta_path}: {len(m.thresholds)} thresholds for {len(m.tags)} tags")
-    return ExportedModel(arch=m.arch, tags=m.tags, size=m.size, normalization=m.normalize, threshold=m.threshold,
-                         thresholds=m.thresholds, dropout=m.dropout, config=m.config, metrics=m.metrics,
-                         weights=weights, tracking_run=m.tracking_run)
+    return ExportedModel(**m.values(), weights=weights)

@@ -12,7 +12,7 @@ from planet_batch.data.submission import check_submission
 from planet_batch.errors import PlanetBatchError
 from planet_batch.scoring.score import ScoreSummary, expected_images, run_scoring
 from planet_batch.tracking import Tracker
-from planet_batch.training.folds import train
+from planet_batch.training.job import train
 
 log = logging.getLogger(__name__)
 

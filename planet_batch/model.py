@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from planet_batch.config import TORCHVISION_ARCHS
-from planet_batch.data.transforms import Normalization
+from planet_batch.data.transforms import Normalization, to_model_input
 from planet_batch.errors import first_line
 from planet_batch.weights import (
     WeightsError,
@@ -211,6 +211,29 @@ def inference(device: torch.device, precision: str | None = None) -> Iterator[No
     bf16 = device.type == "cuda" if precision is None else precision == "bf16"
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         yield
+
+
+def logits(model: nn.Module, images, device: torch.device, norm: Normalization) -> torch.Tensor:
+    """The model's fp32 logits for a batch of uint8 HWC images (an array or a tensor), normalised `norm`'s way:
+    the one forward pass of validation, out-of-fold prediction and scoring."""
+    return model(to_model_input(images, device, norm)).float()
+
+
+def predict_batches(model: nn.Module, batches: Iterable[dict], device: torch.device, norm: Normalization,
+                    precision: str | None) -> Iterator[tuple[dict, torch.Tensor]]:
+    """Each batch (its "image" uint8 HWC) with the model's logits, the model in eval mode under `inference`; the
+    caller reads each pair inside that context."""
+    model.eval()
+    with inference(device, precision):
+        for batch in batches:
+            yield batch, logits(model, batch["image"], device, norm)
+
+
+def is_compiled(model: nn.Module) -> bool:
+    """Whether `model` is `torch.compile`'s wrapper (what `compile_or_eager` returns when compiling worked).
+
+    torch 2.14 exports no public name for the wrapper type; this is the one place that names the private one."""
+    return isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
 
 
 def compile_or_eager(model: nn.Module, warm_up: Callable[[nn.Module], object]) -> nn.Module:

@@ -13,6 +13,7 @@ travel to the workers in memory only, and nothing here writes the URI or them in
 
 from __future__ import annotations
 
+import contextlib
 import http
 import json
 import logging
@@ -20,7 +21,7 @@ import os
 import re
 import time
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -266,7 +267,14 @@ def connect(cfg: TrackingConfig | None) -> Tracker | None:
     return Tracker(uri, experiment_id, cfg, env)
 
 
-def finish_on_error(run: Run | None, error: BaseException) -> None:
-    """A run that ends with an exception: KILLED after Ctrl-C or SIGTERM, else FAILED."""
-    if run is not None:
-        run.finish("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+@contextlib.contextmanager
+def tracked(run: Run | None) -> Iterator[Run | None]:
+    """The job's work on `run` (None: no tracking): a block that ends with an exception finishes the run, KILLED
+    after Ctrl-C or SIGTERM, else FAILED, and the exception goes on. The job finishes a run that succeeded itself,
+    with what it logs at the end."""
+    try:
+        yield run
+    except BaseException as e:
+        if run is not None:
+            run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise

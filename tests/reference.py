@@ -6,15 +6,15 @@ from PIL import Image
 
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import decode_image, to_model_input
-from planet_batch.export import load_export, save_export
+from planet_batch.export import ExportMeta, load_export, save_export
 from planet_batch.model import build_model, normalization
 
 
 def tiny_export(path, size=32):
     torch.manual_seed(0)
-    return save_export(path, build_model("resnet18", len(TAGS)).state_dict(), arch="resnet18", tags=TAGS, size=size,
-                       normalization=normalization("resnet18"), threshold=0.2, thresholds=np.full(len(TAGS), 0.2),
-                       dropout=0.5, config={}, metrics={})
+    return save_export(path, build_model("resnet18", len(TAGS)).state_dict(), ExportMeta(
+        arch="resnet18", tags=TAGS, size=size, normalize=normalization("resnet18"), threshold=0.2,
+        thresholds=np.full(len(TAGS), 0.2)))
 
 
 # The 8 symmetries of the square as Pillow implements them, independent of the package's `dihedral`
@@ -36,5 +36,5 @@ def plain_probs(export_dir, paths, size, tta=False):
     images = np.stack([decode_image(p.read_bytes(), size) for p in paths])
     views = square_views(images) if tta else [images]
     with torch.inference_mode():
-        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v), "cpu", exported.normalization)))
+        return np.mean([torch.sigmoid(model(to_model_input(np.ascontiguousarray(v), "cpu", exported.normalize)))
                         .numpy() for v in views], 0)

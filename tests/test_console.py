@@ -46,6 +46,7 @@ def test_train_and_score_print_the_epoch_table_and_results_only(demo_root, tmp_p
     noise = [line for line in console if NOISE.search(line) and not RAY_INTERNAL.search(line)]
     assert noise == [], "\n".join(noise)
     assert sum(line.startswith("epoch train_loss") for line in train) == 2  # one table header per stage
+    assert sum(bool(re.search(r"\d worker\(s\): cpu, (bf16|fp32)$", line)) for line in train) == 1  # not per stage
     rows = [line for line in train if re.match(r"^\d+\s+\d\.\d{6}\s", line.split(": ")[-1])]
     assert len(rows) == 3, train
     assert any("final: F2" in line for line in train) and f"export: {tmp_path / 'run' / 'export'}" in train

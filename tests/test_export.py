@@ -3,6 +3,7 @@
 import json
 import math
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from snapshots import snapshot
 import planet_batch.scoring.score as scoring
 from planet_batch.cli import main
 from planet_batch.data.labels import TAGS
-from planet_batch.export import ExportError, load_export, save_export
+from planet_batch.export import ExportError, ExportMeta, load_export, save_export
 from planet_batch.model import build_model, normalization
 
 
@@ -148,12 +149,12 @@ def test_the_tags_order_names_the_outputs(tmp_path):
     perm = torch.arange(len(TAGS))
     perm[[i, j]] = perm[[j, i]]
     state["1.8.weight"], state["1.8.bias"] = state["1.8.weight"][perm], state["1.8.bias"][perm]
-    kw = dict(arch="resnet18", size=32, normalization=normalization("resnet18"), threshold=0.2, dropout=0.5,
-              config={}, metrics={})
     thresholds = np.linspace(0.1, 0.5, len(TAGS))
-    plain = load_export(save_export(tmp_path / "a", model.state_dict(), tags=TAGS, thresholds=thresholds, **kw))
-    other = load_export(save_export(tmp_path / "b", state, tags=tuple(swapped(TAGS, i, j)),
-                                    thresholds=thresholds[perm.numpy()], **kw))
+    meta = ExportMeta(arch="resnet18", tags=TAGS, size=32, normalize=normalization("resnet18"), threshold=0.2,
+                      thresholds=thresholds)
+    plain = load_export(save_export(tmp_path / "a", model.state_dict(), meta))
+    other = load_export(save_export(tmp_path / "b", state, replace(meta, tags=tuple(swapped(TAGS, i, j)),
+                                                                   thresholds=thresholds[perm.numpy()])))
     x = torch.rand(4, 3, 32, 32)
     with torch.inference_mode():
         a, b = (m.build()(x)[:, m.to_tags] for m in (plain, other))

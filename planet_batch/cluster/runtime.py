@@ -126,30 +126,18 @@ def stop_on_sigterm() -> None:
 
 
 @contextlib.contextmanager
-def sigint_kept(interruptible: bool = False) -> Iterator[None]:
+def sigint_kept() -> Iterator[None]:
     """The main thread's SIGINT handler as it was before the block, whatever the block installs (Ray Train's
-    `fit` leaves its own, so a later Ctrl-C would abort a finished run's dead controller and exit 0).
-
-    `interruptible`: a SIGINT raises KeyboardInterrupt inside the block even in a job started with SIGINT
-    ignored (`nohup`, `cmd &` in a script), as in an interactive run: a watcher thread's `interrupt_main`
-    (a stall) must not go unheard. Off the main thread handlers cannot change: nothing happens.
-    """
+    `fit` leaves its own, so a later Ctrl-C would abort a finished run's dead controller and exit 0). Off the main
+    thread handlers cannot change: nothing happens."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     saved = signal.getsignal(signal.SIGINT)
-    if interruptible and saved in (signal.SIG_IGN, signal.SIG_DFL):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, saved)
-
-
-def interrupt_main() -> None:
-    """A real SIGINT to the main thread, as Ctrl-C: unlike `_thread.interrupt_main` it also ends a blocking
-    wait there (Ray Data's write)."""
-    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
 def stopped_by() -> int:
@@ -200,6 +188,11 @@ class CapacityError(PlanetBatchError, RuntimeError):
 DATA_CPUS = 1
 
 
+def worker_room(cpus: float, cpus_per_worker: float) -> int:
+    """How many workers of `cpus_per_worker` CPUs fit in `cpus` CPUs and leave DATA_CPUS of them to Ray Data."""
+    return max(0, int((cpus - DATA_CPUS) / cpus_per_worker + 1e-9))  # (1e-9: 0.3 * 3 < 0.9)
+
+
 def check_capacity(workers: int, cpus_per_worker: float, gpu: bool) -> None:
     """Fail before training when the workers cannot all be placed, or would leave Ray Data less than DATA_CPUS."""
     import ray
@@ -215,7 +208,7 @@ def check_capacity(workers: int, cpus_per_worker: float, gpu: bool) -> None:
         raise CapacityError(
             f"{workers} workers x {cpus_per_worker:g} CPUs = {need_cpu:g} CPUs asked for, the cluster has {cpus:g}"
         )
-    if cpus - need_cpu < DATA_CPUS:
+    if worker_room(cpus, cpus_per_worker) < workers:
         raise CapacityError(
             f"{workers} workers x {cpus_per_worker:g} CPUs leave {cpus - need_cpu:g} of {cpus:g} CPUs for "
             f"Ray Data's read and decode tasks (at least {DATA_CPUS} needed); lower --cpus-per-worker"

@@ -242,14 +242,14 @@ def beside_reads(placement: dict[str, str] | None, workers: int, cpus_per_worker
     without end (tests/cluster/test_cluster_storage.py). `groups`: worker groups side by side (K folds), which
     share the data node's room. Workers the other nodes cannot hold are one line, before any work (unless the
     cluster autoscales: new nodes are other nodes)."""
-    from planet_batch.cluster.runtime import DATA_CPUS, CapacityError
+    from planet_batch.cluster.runtime import DATA_CPUS, CapacityError, worker_room
 
     if placement is None or workers == 0:
         return None
     node = placement[NODE_ID_LABEL]
     alive = _alive_nodes()
     cpus = _cpus_of(alive, node)
-    room = max(0, int((cpus - DATA_CPUS) / cpus_per_worker + 1e-9)) // groups  # (1e-9: 0.3 * 3 < 0.9)
+    room = worker_room(cpus, cpus_per_worker) // groups
     if room >= workers:
         return None
     away = workers - room

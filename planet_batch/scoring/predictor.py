@@ -13,9 +13,9 @@ import numpy as np
 from planet_batch.cluster.runtime import maybe_inject_fault, setup_logging
 from planet_batch.config import ScoreConfig
 from planet_batch.data.labels import TAGS
-from planet_batch.data.transforms import dihedral, to_model_input
+from planet_batch.data.transforms import dihedral
 from planet_batch.export import EnsembleExport, ExportedModel, load_model, odd_member
-from planet_batch.model import compile_or_eager, inference, resolve_precision
+from planet_batch.model import compile_or_eager, inference, is_compiled, logits, resolve_precision
 from planet_batch.scoring import ScoreError
 from planet_batch.scoring.shards import ID_COLUMN
 
@@ -99,7 +99,7 @@ class Predictor:
                     model(example)
 
             self.models = [(m, compile_or_eager(model, warm_up)) for m, model in self.models]
-            self.compiled = all(isinstance(model, torch._dynamo.eval_frame.OptimizedModule) for _, model in self.models)
+            self.compiled = all(is_compiled(model) for _, model in self.models)
         self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
         log.info("predictor: %s, %s, %s", self.device, self.precision, "compiled" if self.compiled else "eager")
 
@@ -120,8 +120,8 @@ class Predictor:
                 for k in self.views:  # TTA: the same 8 dihedral views that training augments with
                     view = np.ascontiguousarray(dihedral(images, k))
                     for (export, model), order in zip(self.models, self.orders):
-                        x = to_model_input(view, self.device, export.normalization)  # each member its own way
-                        total = total + torch.sigmoid(model(x).float())[:, order]
+                        out = logits(model, view, self.device, export.normalize)  # each member its own way
+                        total = total + torch.sigmoid(out)[:, order]
             probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
                 "error": batch["error"]}

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from planet_batch.cluster.runtime import ProgressLine, ensure_ray, interrupt_main, quiet_data_progress, sigint_kept
+from planet_batch.cluster.runtime import ProgressLine, ensure_ray, quiet_data_progress
 from planet_batch.cluster.storage import Location, StorageError, elsewhere, existing_dir, locate, read_placement
 from planet_batch.config import ScoreConfig, to_dict
 from planet_batch.data.labels import decode
@@ -32,7 +32,7 @@ from planet_batch.scoring import ScoreError
 from planet_batch.scoring.assemble import Assembled, AssemblyError, assemble
 from planet_batch.scoring.predictor import Ensemble, Predictor, actor_mode, fingerprint, load_ensemble, predictor_memory
 from planet_batch.scoring.shards import WorkFolder
-from planet_batch.tracking import Run, Tracker, finish_on_error, flat_params
+from planet_batch.tracking import Run, Tracker, flat_params, tracked
 
 log = logging.getLogger(__name__)
 
@@ -179,27 +179,17 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
 
 
 class ShardProgress:
-    """While the shards are written: a progress line from the committed shards (what a rerun keeps),
-    and the stall limit.
-
-    Ray Data does not fail when its work cannot be placed: after a node is lost, the restarted actors
-    can hold every CPU the read tasks need and the job would wait forever. With no new shard for
-    `stall_timeout_s`, this interrupts the main thread inside Ray Data's write, which shuts its execution
-    down as it does for Ctrl-C, and `stalled` says why. Off the main thread there is no limit.
-    """
+    """A progress line from the committed shards (what a rerun keeps) while Ray Data writes them."""
 
     POLL_S = 2.0
 
-    def __init__(self, work: WorkFolder, total: int, resumed: int, stall_timeout_s: float):
-        self.work, self.stall_timeout_s = work, stall_timeout_s
+    def __init__(self, work: WorkFolder, total: int, resumed: int):
+        self.work = work
         self.line = ProgressLine("images scored", total, done=resumed)
-        self.stalled: str | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="shard-progress", daemon=True)
-        self.limited = bool(stall_timeout_s) and threading.current_thread() is threading.main_thread()
 
     def _watch(self) -> None:
-        last_change = time.monotonic()
         while not self._stop.wait(self.POLL_S):
             try:
                 done = self.work.committed_rows()
@@ -208,43 +198,40 @@ class ShardProgress:
                 continue
             if done > self.line.done:
                 self.line.update(done - self.line.done)
-                last_change = time.monotonic()
-            elif self.limited and time.monotonic() - last_change > self.stall_timeout_s and not self._stop.is_set():
-                self.stalled = str(self.line)
-                interrupt_main()
-                return
 
     def __enter__(self) -> ShardProgress:
-        self._sigint = sigint_kept(interruptible=self.limited)  # the stall's SIGINT is heard, even under nohup
-        self._sigint.__enter__()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
-        self._sigint.__exit__(*exc)
 
 
 def write_shards(ds, work: WorkFolder, cfg: ScoreConfig, placement: dict | None, total: int, resumed: int) -> None:
     """Run the pipeline into Parquet shards with Ray Data's two-phase-commit checkpointing (see shards.py).
 
     A local work folder on a cluster whose nodes do not share it gets its writes pinned to the driver's
-    node, like the reads of local data.
+    node, like the reads of local data. Ray Data does not fail when its work cannot be placed: after a node is
+    lost, the restarted actors can hold every CPU the read tasks need. Its no-progress guard ends such a run after
+    --stall-timeout (no block moved, so no new shard).
     """
+    from ray.data.exceptions import ExecutionTimeoutError
+
     ds.context.checkpoint_config = work.checkpoint_config()
+    ds.context.execution_no_progress_timeout_s = cfg.stall_timeout_s or -1  # (-1: Ray's "wait forever")
     ray_remote_args = {"label_selector": placement} if placement else {}
-    watch = ShardProgress(work, total, resumed, cfg.stall_timeout_s)
+    progress = ShardProgress(work, total, resumed)
     try:
-        with watch:
+        with progress:
             ds.write_parquet(work.shards.path, filesystem=work.shards.fs, min_rows_per_file=cfg.shard_rows,
                              ray_remote_args=ray_remote_args)
+    except ExecutionTimeoutError:
+        raise ScoreError(
+            f"no new shard in {cfg.stall_timeout_s:g} s ({progress.line}): the cluster cannot place the work; a "
+            "lost node, or too few CPUs for the actors plus the read tasks; the shards so far are kept, rerun "
+            "the same command to resume") from None
     except KeyboardInterrupt:
-        if watch.stalled:
-            raise ScoreError(
-                f"no new shard in {cfg.stall_timeout_s:g} s ({watch.stalled}): the cluster cannot place the work; a "
-                "lost node, or too few CPUs for the actors plus the read tasks; the shards so far are kept, rerun "
-                "the same command to resume") from None
         log.info("the shards written so far are kept in %s: the same command resumes", work.root)
         raise
 
@@ -310,12 +297,8 @@ def run_scoring(cfg: ScoreConfig, tracker: Tracker | None = None) -> ScoreSummar
     for m, state in zip(ensemble.members, states):
         m.check_state(state)
     work = open_work_folder(cfg, out, ensemble, weights, inputs)
-    run = open_score_run(tracker, cfg, ensemble, out)
-    try:
+    with tracked(open_score_run(tracker, cfg, ensemble, out)) as run:
         summary = score(cfg, ensemble, states, inputs, work, out, t0)
-    except BaseException as e:
-        finish_on_error(run, e)
-        raise
     finish_score_run(run, summary, cfg, out, tracker is not None and tracker.options.log_submission)
     return summary
 

@@ -11,24 +11,24 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
-from planet_batch.cluster.runtime import DATA_CPUS, check_capacity, ensure_ray
-from planet_batch.cluster.storage import Location, locate, read_placement, write_atomic
+from planet_batch.cluster.runtime import check_capacity, ensure_ray, worker_room
+from planet_batch.cluster.storage import Location, read_placement, write_atomic
 from planet_batch.config import ConfigError, TrainConfig, from_dict, to_dict
 from planet_batch.data.datasets import Split, labelled_split, load_labelled_batch
 from planet_batch.data.labels import TAGS
 from planet_batch.data.layout import fold_indices
-from planet_batch.data.transforms import to_model_input
 from planet_batch.errors import PlanetBatchError
 from planet_batch.export import ExportedModel, ExportError, load_export, load_model, save_ensemble
-from planet_batch.model import inference, resolve_precision
-from planet_batch.tracking import RUN_FILE, Run, Tracker, finish_on_error
+from planet_batch.model import predict_batches, resolve_precision
+from planet_batch.tracking import RUN_FILE, Run, tracked
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import fbeta, tune_thresholds
 from planet_batch.training.run_folder import (
@@ -39,6 +39,9 @@ from planet_batch.training.run_folder import (
     write_metrics,
 )
 from planet_batch.training.train import open_run, run_training, skip_unreadable
+
+if TYPE_CHECKING:
+    from planet_batch.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,24 @@ class Fold:
     @property
     def name(self) -> str:
         return f"fold-{self.index}"
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    """What one fold's run (train.run_training) takes from the K-fold job: the fold, the job's MLflow run its own
+    nests under, and how many folds' worker groups train side by side (they share the data node's room)."""
+
+    fold: Fold
+    parent: Run | None = None
+    side_by_side: int = 1
+
+    @property
+    def name(self) -> str:
+        return self.fold.name
+
+    @property
+    def split(self) -> tuple[Split, Split]:
+        return self.fold.train, self.fold.held_out
 
 
 @dataclass(frozen=True)
@@ -80,24 +101,21 @@ def folds_that_fit(cfg: TrainConfig) -> int:
     import ray
 
     res = ray.cluster_resources()
-    fit = int((res.get("CPU", 0.0) - DATA_CPUS) // (cfg.workers * cfg.cpus_per_worker))
+    fit = worker_room(res.get("CPU", 0.0), cfg.cpus_per_worker) // cfg.workers
     if cfg.gpu:
         fit = min(fit, int(res.get("GPU", 0.0) // cfg.workers))
     return max(1, min(cfg.folds, fit))
 
 
 def predict(export: ExportedModel, split: Split, precision: str, batch_size: int = 64) -> np.ndarray:
-    """The export's probabilities for `split`'s images, as `planet-batch score` computes them (same decoder,
-    normalisation and inference context)."""
+    """The export's probabilities for `split`'s images in TAGS order, as `planet-batch score` computes them (the
+    same decoder and forward pass, model.predict_batches, without TTA)."""
     device = torch.device("cpu")
-    model = export.build(device)
-    probs = []
-    with inference(device, resolve_precision(precision, device)):
-        for i in range(0, len(split), batch_size):
-            batch = {"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]}
-            images = load_labelled_batch(batch, export.size, augment=False, fs=split.fs)["image"]
-            x = to_model_input(images, device, export.normalization)
-            probs.append(torch.sigmoid(model(x).float())[:, export.to_tags].numpy())
+    batches = (load_labelled_batch({"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]},
+                                   export.size, augment=False, fs=split.fs) for i in range(0, len(split), batch_size))
+    probs = [torch.sigmoid(out)[:, export.to_tags].numpy() for _, out in
+             predict_batches(export.build(device), batches, device, export.normalize,
+                             resolve_precision(precision, device))]
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 
 
@@ -111,39 +129,34 @@ def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
     return export if not cfg.overwrite and same_run(earlier, cfg) is None else None
 
 
-def train_fold(cfg: TrainConfig, data: Location, run_dir: Path, fold: Fold, tracker: Tracker | None = None,
-               parent: Run | None = None, side_by_side: int = 1) -> FoldResult:
-    fold_dir = run_dir / fold.name
+def train_fold(job: TrainJob, run: FoldRun) -> FoldResult:
+    """One fold's run folder RUN/fold-i (kept when an earlier run finished it) and its out-of-fold predictions."""
+    fold, cfg = run.fold, job.cfg
+    fold_job = replace(job, out=job.out / fold.name)
     t0 = time.perf_counter()
-    export = finished_export(fold_dir, cfg)
+    export = finished_export(fold_job.out, cfg)
     if export is not None:
-        log.info("%s: finished by an earlier run, export kept: %s", fold.name, fold_dir / "export")
+        log.info("%s: finished by an earlier run, export kept: %s", fold.name, fold_job.out / "export")
         seconds = 0.0
     else:
-        export = load_export(run_training(cfg, data, fold_dir, split=(fold.train, fold.held_out), fold=fold.name,
-                                          tracker=tracker, parent=parent, side_by_side=side_by_side))
+        export = load_export(run_training(fold_job, run))
         seconds = time.perf_counter() - t0
     return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
 
 
-def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, tracker: Tracker | None = None) -> Path:
+def run_folds(job: TrainJob) -> Path:
     """Train `cfg.folds` folds (each a run folder RUN/fold-i), write RUN/oof.parquet and RUN/metrics.csv, and
-    export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export. `tracker`: a
-    parent MLflow run with each fold's nested in it."""
-    run_dir = Path(run_dir).resolve()
-    data = locate(data_root)
-    folds = make_folds(data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
+    export the fold ensemble with thresholds tuned on every out-of-fold row; returns RUN/export. With tracking:
+    a parent MLflow run with each fold's nested in it."""
+    cfg, run_dir = job.cfg, job.out
+    folds = make_folds(job.data, cfg.folds, cfg.seed)  # bad labels and K fail here, before Ray
     check_run_folder(run_dir)
     for f in folds:  # as is another config on a fold's run folder
         claim_run_folder(run_dir / f.name, cfg)
     if cfg.overwrite:
         (run_dir / RUN_FILE).unlink(missing_ok=True)
-    parent = open_run(tracker, cfg, data, run_dir)
-    try:
-        export = train_folds(cfg, data, run_dir, folds, tracker, parent)
-    except BaseException as e:
-        finish_on_error(parent, e)
-        raise
+    with tracked(open_run(job)) as parent:
+        export = train_folds(job, folds, parent)
     if parent is not None:
         oof = load_model(export).metrics
         parent.log_metrics({k: oof[k] for k in ("oof_fbeta", "oof_fbeta_tuned", "n_oof")})
@@ -153,14 +166,14 @@ def run_folds(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, trac
     return export
 
 
-def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fold], tracker: Tracker | None,
-                parent: Run | None) -> Path:
+def train_folds(job: TrainJob, folds: list[Fold], parent: Run | None) -> Path:
     """The folds not finished yet, as many at a time as the cluster holds; the ensemble export."""
+    cfg, run_dir = job.cfg, job.out
     ensure_ray()
     if not cfg.autoscale:
         check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)  # one fold's worker group, before any starts
     mark_run_folder(run_dir)
-    bad = skip_unreadable([f.held_out for f in folds], cfg, run_dir, read_placement(data, cfg.data_shared))
+    bad = skip_unreadable([f.held_out for f in folds], cfg, run_dir, read_placement(job.data, cfg.data_shared))
     folds = [Fold(f.index, f.train.without(bad), f.held_out.without(bad)) for f in folds]
     # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.
     parallel = 1 if cfg.workers == 0 else min(cfg.parallel_folds, cfg.folds) if cfg.parallel_folds \
@@ -170,7 +183,7 @@ def train_folds(cfg: TrainConfig, data: Location, run_dir: Path, folds: list[Fol
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
     # stays on this machine, and Ray schedules the folds' worker groups side by side.
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
-    futures = [pool.submit(train_fold, cfg, data, run_dir, f, tracker, parent, parallel) for f in folds]
+    futures = [pool.submit(train_fold, job, FoldRun(f, parent, parallel)) for f in folds]
     try:
         errors = [f.exception() for f in futures]
     except KeyboardInterrupt:
@@ -215,11 +228,3 @@ def write_results(cfg: TrainConfig, run_dir: Path, results: list[FoldResult], pa
              summary["fbeta"], cfg.threshold, summary["fbeta_tuned"], len(names), len(results), export)
     return export
 
-
-
-def train(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str, tracker: Tracker | None = None) -> Path:
-    """`planet-batch train`: K folds and their ensemble export with `folds: K`, else one model; the export.
-    `tracker`: every run in MLflow (planet_batch.tracking)."""
-    if cfg.folds:
-        return run_folds(cfg, data_root, run_dir, tracker)
-    return run_training(cfg, data_root, run_dir, tracker=tracker)

@@ -17,19 +17,17 @@ import shutil
 import uuid
 from pathlib import Path
 
-import torch
-
 from planet_batch.cluster.storage import locate, write_atomic
 from planet_batch.config import HOW_NOT_WHAT, TrainConfig, load_config, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.errors import first_line
-from planet_batch.export import save_export
+from planet_batch.export import ExportMeta, save_export
 from planet_batch.model import normalization
 from planet_batch.tracking import RUN_FILE
 from planet_batch.training import TrainError
 from planet_batch.training.metrics import best_constant_fbeta, fbeta, tune_thresholds
+from planet_batch.training.state import TrainState
 from planet_batch.training.steps import fold_prefix
-from planet_batch.training.worker import read_state
 
 log = logging.getLogger("planet_batch.training.train")
 
@@ -142,18 +140,7 @@ def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
                          "it, --overwrite starts over")
 
 
-def save_stage(run_dir: Path, cfg: TrainConfig, state: dict) -> Path:
-    """RUN_DIR/stages/NAME.pt: the stage's final weights, which a later config can `start_from`."""
-    stage = cfg.stages[state["stage"]]
-    path = run_dir / "stages" / f"{stage.name}.pt"
-    write_atomic(path, lambda p: torch.save(
-        {"model": state["model"], "arch": cfg.arch, "stage": stage.name, "size": stage.size,
-         "config": to_dict(cfg), "metrics": state["history"]["epochs"][-1],
-         "resumed_after": [e for name, e in state["history"]["resumed_after"] if name == stage.name]}, p))
-    return path
-
-
-def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> dict:
+def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> TrainState:
     """stages/NAME.pt from each stage's last checkpoint, metrics.csv and losses.png from the final one (every
     epoch of the run once, however often it resumed); the final state."""
     from ray.train import Checkpoint
@@ -165,31 +152,30 @@ def write_run_folder(run_dir: Path, cfg: TrainConfig, result) -> dict:
         ends = [c for c, m in result.best_checkpoints if m.get("stage_end")]
     else:  # local mode keeps no ranking: every epoch's checkpoint is a folder of its own
         ends = [Checkpoint.from_directory(d) for d in sorted(Path(local).glob("checkpoint_*"))]
-    states = {c.path: read_state(c) for c in ends}
+    states = {c.path: TrainState.from_checkpoint(c) for c in ends}
     for state in states.values():
-        if "valid_probs" in state:  # (a stage's last epoch)
-            log.info("stage %s saved to %s", cfg.stages[state["stage"]].name, save_stage(run_dir, cfg, state))
+        if state.stage_end:  # (local mode: every epoch's)
+            log.info("stage %s saved to %s", cfg.stages[state.done.stage].name, state.save_stage(run_dir, cfg))
     # The run's last checkpoint is the last stage's end, read above (a download, with storage on S3)
-    final = states.get(result.checkpoint.path) or read_state(result.checkpoint)
-    history = final["history"]
-    write_metrics(run_dir, history["epochs"])
-    per_epoch = len(history["batch_losses"]) // max(1, len(history["epochs"]))
-    plot_losses(history["batch_losses"], [(k + 1) * per_epoch for k in range(len(history["epochs"]))],
-                [r["valid_loss"] for r in history["epochs"]], run_dir / "losses.png")
+    final = states.get(result.checkpoint.path) or TrainState.from_checkpoint(result.checkpoint)
+    history = final.history
+    write_metrics(run_dir, history.epochs)
+    per_epoch = len(history.batch_losses) // max(1, len(history.epochs))
+    plot_losses(history.batch_losses, [(k + 1) * per_epoch for k in range(len(history.epochs))],
+                [r["valid_loss"] for r in history.epochs], run_dir / "losses.png")
     return final
 
 
-def export_run(run_dir: Path, cfg: TrainConfig, state: dict, fold: str = "", tracking_run: str | None = None) -> Path:
+def export_run(run_dir: Path, cfg: TrainConfig, state: TrainState, fold: str = "",
+               tracking_run: str | None = None) -> Path:
     """RUN_DIR/export: the final weights with thresholds tuned for F2 on the last validation pass."""
-    probs, targets = state["valid_probs"].numpy(), state["valid_targets"].numpy()
+    probs, targets = state.valid_probs, state.valid_targets
     thresholds = tune_thresholds(probs, targets, start=cfg.threshold)
-    final = {**state["history"]["epochs"][-1], "fbeta_tuned": fbeta(probs, targets, thresholds),
+    final = {**state.history.epochs[-1], "fbeta_tuned": fbeta(probs, targets, thresholds),
              "best_constant_fbeta": best_constant_fbeta(targets), "n_valid": len(probs)}
-    export = save_export(
-        run_dir / "export", state["model"], arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size,
-        normalization=normalization(cfg.arch), threshold=cfg.threshold, thresholds=thresholds, dropout=cfg.dropout,
-        config=to_dict(cfg), metrics=final, tracking_run=tracking_run,
-    )
+    export = save_export(run_dir / "export", state.model, ExportMeta(
+        arch=cfg.arch, tags=TAGS, size=cfg.stages[-1].size, normalize=normalization(cfg.arch), threshold=cfg.threshold,
+        thresholds=thresholds, dropout=cfg.dropout, config=to_dict(cfg), metrics=final, tracking_run=tracking_run))
     log.info("%sfinal: F2 %.4f at %.2f, %.4f with tuned thresholds; best constant prediction %.4f",
              fold_prefix(fold), final["fbeta"], cfg.threshold, final["fbeta_tuned"],
              final["best_constant_fbeta"])

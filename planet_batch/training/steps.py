@@ -15,7 +15,7 @@ from planet_batch.cluster.runtime import ProgressLine, maybe_inject_fault
 from planet_batch.config import Stage, TrainConfig
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import Normalization, to_model_input
-from planet_batch.model import TrainingSetup, inference
+from planet_batch.model import TrainingSetup, predict_batches
 from planet_batch.training.metrics import accuracy_thresh, fbeta
 
 
@@ -71,14 +71,12 @@ def evaluate(model: nn.Module, shard, batch_size: int, device, norm: Normalizati
              precision: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
     probs, targets, loss_sum = [], [], 0.0
-    model.eval()
-    with inference(device, precision):
-        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
-            logits = model(to_model_input(batch["image"], device, norm)).float()
-            y = batch["target"].float()
-            loss_sum += nn.functional.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(1).sum().item()
-            probs.append(torch.sigmoid(logits).cpu().numpy())
-            targets.append(y.cpu().numpy())
+    batches = shard.iter_torch_batches(batch_size=batch_size, device=device)
+    for batch, out in predict_batches(model, batches, device, norm, precision):
+        y = batch["target"].float()
+        loss_sum += nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none").mean(1).sum().item()
+        probs.append(torch.sigmoid(out).cpu().numpy())
+        targets.append(y.cpu().numpy())
     empty = np.zeros((0, len(TAGS)), np.float32)
     return (np.concatenate(probs) if probs else empty), (np.concatenate(targets) if targets else empty), loss_sum
 

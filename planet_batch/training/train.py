@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import torch
 
 from planet_batch.cluster.runtime import (
     check_capacity,
@@ -26,13 +27,14 @@ from planet_batch.cluster.runtime import (
     torch_threads,
     verbose,
 )
-from planet_batch.cluster.storage import beside_reads, locate, read_placement, write_atomic
+from planet_batch.cluster.storage import beside_reads, read_placement, write_atomic
 from planet_batch.config import TrainConfig, save_config, to_dict
 from planet_batch.data.datasets import Split, labelled_dataset, train_valid_split, unreadable
 from planet_batch.data.labels import TAGS
+from planet_batch.errors import first_line
 from planet_batch.export import load_export
 from planet_batch.model import build_model, normalization
-from planet_batch.tracking import Run, Tracker, finish_on_error, flat_params
+from planet_batch.tracking import Run, flat_params, tracked
 from planet_batch.training import TrainError
 from planet_batch.training.run_folder import (
     claim_run_folder,
@@ -43,8 +45,13 @@ from planet_batch.training.run_folder import (
     run_name,
     write_run_folder,
 )
+from planet_batch.training.state import UNREADABLE, History, load_stage_weights
 from planet_batch.training.steps import fold_prefix
 from planet_batch.training.worker import WorkerPlan, train_loop
+
+if TYPE_CHECKING:
+    from planet_batch.training.folds import FoldRun
+    from planet_batch.training.job import TrainJob
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +61,9 @@ __all__ = ["TrainError", "run_training", "stage_datasets"]
 def load_stage_file(path: Path | str) -> dict:
     """Model weights saved at the end of a stage (RUN_DIR/stages/NAME.pt), tensors only."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)["model"]
-    except (OSError, KeyError, RuntimeError) as e:
-        raise TrainError(f"cannot load saved stage {path}: {e}") from None
+        return load_stage_weights(path)
+    except UNREADABLE as e:
+        raise TrainError(f"cannot load saved stage {path}: {first_line(e)}") from None
 
 
 def initial_state(cfg: TrainConfig) -> dict:
@@ -100,17 +107,27 @@ def stage_datasets(train: Split, valid: Split, sizes: Iterable[int], world: int,
     return datasets
 
 
+@dataclass(frozen=True)
+class RunImages:
+    """A run's images and where Ray places their work: `reads`, the label selector of the read tasks (the data's
+    node when only it has the files); `workers_at`, each worker's (storage.beside_reads)."""
+
+    train: Split
+    valid: Split
+    reads: dict[str, str] | None
+    workers_at: list[dict[str, str]] | None
+
+
 REPORT_POLL_S = 0.25
 
 
-def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage: str, name: str,
-            label_selector: dict[str, str] | None = None, worker_selectors: list[dict[str, str]] | None = None,
-            fold: str = "", tracking: Run | None = None):
+def fit_run(cfg: TrainConfig, run_dir: Path, init: dict, images: RunImages, fold: str = "",
+            tracking: Run | None = None):
     """Every stage of `cfg` in one Ray Train run (resumed from its latest checkpoint when it exists); Ray's result.
 
     Every epoch reports a checkpoint; the last epoch of each stage is kept (its weights are `stages/NAME.pt`)
-    with the latest one, which Ray Train always keeps and resumes from. `label_selector`: where the reads run;
-    `worker_selectors`: where each worker may (storage.beside_reads)."""
+    with the latest one, which Ray Train always keeps and resumes from. `fold`: a K-fold run's fold, for its
+    console lines; `tracking`: the MLflow run rank 0 logs epochs into."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -121,7 +138,9 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
     # driver to its controller; a value the user set stays.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
     world = max(1, cfg.workers)
-    datasets = stage_datasets(train, valid, [st.size for st in cfg.stages], world, label_selector)
+    train = images.train
+    datasets = stage_datasets(train, images.valid, [st.size for st in cfg.stages], world, images.reads)
+    storage, name = ray_storage(cfg, run_dir), run_name(run_dir)
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": 1} if cfg.gpu else {})
     trainer = TorchTrainer(
         train_loop,
@@ -140,7 +159,7 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
         )},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                      resources_per_worker=resources if cfg.workers else None,
-                                     placement_strategy=cfg.placement_strategy, label_selector=worker_selectors),
+                                     placement_strategy=cfg.placement_strategy, label_selector=images.workers_at),
         run_config=RunConfig(
             name=name,
             storage_path=storage,
@@ -156,7 +175,9 @@ def fit_run(cfg: TrainConfig, *, init: dict, train: Split, valid: Split, storage
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")]),
     )
-    with sigint_kept():  # fit() leaves its SIGINT handler installed (a later Ctrl-C, scoring in lesson3)
+    # fit() leaves its SIGINT handler installed (a later Ctrl-C, scoring in lesson3, would be swallowed): until
+    # Ray Train puts the handler back itself (not in 2.60: ray-project/ray#54188 only stops it aborting a finished run)
+    with sigint_kept():
         try:
             result = trainer.fit()
         except SystemExit:
@@ -205,23 +226,22 @@ def check_start_files(cfg: TrainConfig) -> None:
             raise TrainError(f"stages[{i}].start_from: {st.start_from} does not exist")
 
 
-def open_run(tracker: Tracker | None, cfg: TrainConfig, data, run_dir: Path, parent: Run | None = None
-             ) -> Run | None:
+def open_run(job: TrainJob, parent: Run | None = None) -> Run | None:
     """The run folder's MLflow run (a K-fold run's fold: nested under `parent`), opened before Ray starts; its id is
     kept in the run folder, which this first write makes one."""
-    if tracker is None:
+    if job.tracker is None:
         return None
-    mark_run_folder(run_dir)
-    return tracker.open(run_dir.name, params=flat_params(to_dict(cfg)) | {"data": str(data)},
-                        tags={"planet_batch.job": "train", "planet_batch.run_folder": str(run_dir)},
-                        keep_in=run_dir, parent=parent)
+    mark_run_folder(job.out)
+    return job.tracker.open(job.out.name, params=flat_params(to_dict(job.cfg)) | {"data": str(job.data)},
+                            tags={"planet_batch.job": "train", "planet_batch.run_folder": str(job.out)},
+                            keep_in=job.out, parent=parent)
 
 
-def finish_run(run: Run | None, run_dir: Path, history: dict, export: Path, log_model: bool) -> None:
+def finish_run(run: Run | None, run_dir: Path, history: History, export: Path, log_model: bool) -> None:
     """What the workers did not log (the last epoch, any a lost rank 0 missed), the final F2 and the files."""
     if run is None:
         return
-    run.log_epochs(history["epochs"])
+    run.log_epochs(history.epochs)
     final = load_export(export).metrics
     run.log_metrics({f"final_{k}": final[k] for k in ("fbeta", "fbeta_tuned", "best_constant_fbeta", "n_valid")})
     run.log_artifacts([run_dir / n for n in ("config.yaml", "metrics.csv", "losses.png", "batch.png")])
@@ -229,47 +249,39 @@ def finish_run(run: Run | None, run_dir: Path, history: dict, export: Path, log_
     run.finish()
 
 
-def run_training(cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
-                 split: tuple[Split, Split] | None = None, fold: str = "", *, tracker: Tracker | None = None,
-                 parent: Run | None = None, side_by_side: int = 1) -> Path:
-    """Train every stage of `cfg` on the dataset at `data_root` in one Ray Train run; returns the export folder.
-    The same command on the same run folder resumes an interrupted run from its latest checkpoint.
-    `split`: the (train, validation) images, by default the config's seeded valid_pct split; `fold` names a
-    K-fold run's fold in its console lines (planet_batch.training.folds); `tracker`: its MLflow run (nested
-    under `parent`), the same run when it resumes; `side_by_side`: the worker groups that train at once (K folds).
+def run_training(job: TrainJob, fold: FoldRun | None = None) -> Path:
+    """Train every stage of the job's config in one Ray Train run into its run folder; returns the export folder.
+    The same command on the same run folder resumes an interrupted run from its latest checkpoint, and its
+    MLflow run. `fold`: one fold of a K-fold job (folds.py): its images (by default the config's seeded
+    valid_pct split), its name in the console lines, its parent MLflow run, the worker groups beside it.
     """
-    run_dir = Path(run_dir).resolve()
-    data = locate(data_root)
-    train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels fail here, before Ray
+    cfg, run_dir, data = job.cfg, job.out, job.data
+    train, valid = fold.split if fold else train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels: here
+    name = fold.name if fold else ""
     check_batches(cfg, len(train))
     check_start_files(cfg)
     claim_run_folder(run_dir, cfg)
     weights = initial_state(cfg)
-    run = open_run(tracker, cfg, data, run_dir, parent)
-    try:
+    with tracked(open_run(job, fold.parent if fold else None)) as run:
         ensure_ray()
         if not cfg.autoscale:
             check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
         quiet_data_progress()
         reads = read_placement(data, cfg.data_shared)
         mark_run_folder(run_dir)
-        if split is None:  # (K folds check every image once, for all their folds)
+        if fold is None:  # (K folds check every image once, for all their folds)
             bad = skip_unreadable([train, valid], cfg, run_dir, reads)
             train, valid = train.without(bad), valid.without(bad)
             check_batches(cfg, len(train))
-        workers_at = beside_reads(reads, cfg.workers, cfg.cpus_per_worker, cfg.gpu, side_by_side, cfg.autoscale)
+        workers_at = beside_reads(reads, cfg.workers, cfg.cpus_per_worker, cfg.gpu,
+                                  fold.side_by_side if fold else 1, cfg.autoscale)
         save_config(cfg, run_dir / "config.yaml")
         log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
-                 fold_prefix(fold), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
-        result = fit_run(cfg, init=weights, train=train, valid=valid, storage=ray_storage(cfg, run_dir),
-                         name=run_name(run_dir), label_selector=reads, worker_selectors=workers_at, fold=fold,
-                         tracking=run)
+                 fold_prefix(name), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
+        result = fit_run(cfg, run_dir, weights, RunImages(train, valid, reads, workers_at), name, run)
         if run is not None and result.metrics.get("tracking_lost"):
             run.lost = True  # rank 0 warned: the job goes on without the server
         final = write_run_folder(run_dir, cfg, result)
-        export = export_run(run_dir, cfg, final, fold, run.run_id if run else None)
-    except BaseException as e:
-        finish_on_error(run, e)
-        raise
-    finish_run(run, run_dir, final["history"], export, tracker is not None and tracker.options.log_model)
+        export = export_run(run_dir, cfg, final, name, run.run_id if run else None)
+    finish_run(run, run_dir, final.history, export, job.tracker is not None and job.tracker.options.log_model)
     return export

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import gc
 import logging
-import pickle
 import tempfile
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,20 @@ import numpy as np
 import torch
 
 from planet_batch.cluster.runtime import ProgressLine, setup_logging
-from planet_batch.config import Stage, TrainConfig, to_dict
+from planet_batch.config import TrainConfig, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import Normalization
 from planet_batch.errors import first_line
-from planet_batch.model import build_model, compile_or_eager, resolve_precision, set_frozen, training_setup
+from planet_batch.model import (
+    build_model,
+    compile_or_eager,
+    is_compiled,
+    resolve_precision,
+    set_frozen,
+    training_setup,
+)
 from planet_batch.tracking import Run
+from planet_batch.training.state import UNREADABLE, History, Position, TrainState, next_position, schedule
 from planet_batch.training.steps import (
     EpochShare,
     compile_training,
@@ -45,7 +52,7 @@ from planet_batch.training.steps import (
 log = logging.getLogger("planet_batch.training.train")  # one logger for the run's console lines (docs/console.md)
 
 
-def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) -> None:
+def save_and_report(metrics: dict, state: TrainState | None, local_dir: str | None) -> None:
     """Report the epoch to Ray Train (rank 0 with the checkpoint), then wait until Ray has registered it.
 
     Ray Train registers a checkpoint once every worker's report of that epoch is in, which its
@@ -60,11 +67,11 @@ def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) ->
     elif local_dir:  # local mode keeps a reference to the folder instead of copying it to storage
         d = Path(local_dir) / f"checkpoint_{metrics['step']:06d}"
         d.mkdir(parents=True, exist_ok=True)
-        torch.save(state, d / "state.pt")
+        state.save(d)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / "state.pt")
+            state.save(d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     if not local_dir:
         t0 = time.perf_counter()
@@ -72,19 +79,7 @@ def save_and_report(metrics: dict, state: dict | None, local_dir: str | None) ->
         log.debug("epoch %d: Ray registered the report after %.2f s", metrics["epoch"], time.perf_counter() - t0)
 
 
-def read_state(checkpoint) -> dict:
-    """The training state a checkpoint holds (tensors and plain data only: `weights_only`)."""
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-
-
-# What torch.load raises for a damaged state.pt, measured: cut short, RuntimeError ("PytorchStreamReader failed reading
-# zip archive"); empty, EOFError; a flipped byte in its header or text, UnpicklingError. A checkpoint folder gone
-# from storage: OSError.
-UNREADABLE = (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError)
-
-
-def restore(rank: int, fold: str = "") -> dict | None:
+def restore(rank: int, fold: str = "") -> TrainState | None:
     """The state to resume from: Ray Train's latest checkpoint, or when that one cannot be read (a disk that filled,
     a partial upload), the newest of the others Ray kept that can (it keeps each stage's end and at least the
     epoch before the latest: train.fit_run), with one warning; None for a fresh run (or, with a warning, when no
@@ -95,14 +90,14 @@ def restore(rank: int, fold: str = "") -> dict | None:
     if latest is None:
         return None
     try:
-        return read_state(latest)
+        return TrainState.from_checkpoint(latest)
     except UNREADABLE as e:
         problem = first_line(e)
     older = sorted((r for r in ray.train.get_all_reported_checkpoints() if r.checkpoint.path != latest.path),
                    key=lambda r: r.metrics.get("step", 0), reverse=True)
     for reported in older:
         try:
-            state = read_state(reported.checkpoint)
+            state = TrainState.from_checkpoint(reported.checkpoint)
         except UNREADABLE:
             continue
         if rank == 0:
@@ -114,27 +109,6 @@ def restore(rank: int, fold: str = "") -> dict | None:
         log.warning("%sno checkpoint of this run can be read (the latest, %s: %s): starting the run over",
                     fold_prefix(fold), latest.path, problem)
     return None
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a run goes on: a stage of the config and the epoch within it."""
-
-    stage: int
-    epoch: int
-
-
-def schedule(stages: tuple[Stage, ...], start: Position) -> list[Position]:
-    """Every (stage, epoch) of the config from `start` on, in order."""
-    every = [Position(i, e) for i, st in enumerate(stages) for e in range(st.epochs)]
-    return every[every.index(start):] if start in every else []
-
-
-def next_position(stages: tuple[Stage, ...], done: Position) -> Position:
-    """The epoch after `done` (the stage's next, or the next stage's first)."""
-    if done.epoch + 1 < stages[done.stage].epochs:
-        return Position(done.stage, done.epoch + 1)
-    return Position(done.stage + 1, 0)
 
 
 @dataclass(frozen=True)
@@ -152,19 +126,6 @@ class WorkerPlan:
     verbose: bool
     fold: str  # a K-fold run's fold, for its console lines
     tracking: Run | None = None  # the MLflow run rank 0 logs the epochs into
-
-
-@dataclass
-class History:
-    """Every epoch's metrics and batch losses of a run so far, and the (stage, epoch) checkpoints it resumed
-    after; it travels in the checkpoints as plain data (they are loaded `weights_only`)."""
-
-    epochs: list[dict] = field(default_factory=list)
-    batch_losses: list[float] = field(default_factory=list)
-    resumed_after: list[list] = field(default_factory=list)
-
-    def state(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -214,14 +175,13 @@ class Worker:
             upcoming = self.run_epoch(pos, batches, after)
         self.prefetcher.shutdown()
 
-    def resume_position(self, saved: dict | None) -> Position:
+    def resume_position(self, saved: TrainState | None) -> Position:
         """Where to start: the first epoch, or the one after the checkpoint's (its history goes on)."""
         if saved is None:
             return Position(0, 0)
-        self.history, self.kept = History(**saved["history"]), saved["kept"]
-        done = Position(saved["stage"], saved["epoch"])
+        self.history, self.kept, done = saved.history, saved.kept, saved.done
         stage = self.cfg.stages[done.stage]
-        self.history.resumed_after.append([stage.name, done.epoch])
+        self.history.resumed_after.append((stage.name, done.epoch))
         start = next_position(self.cfg.stages, done)
         if self.rank == 0:
             if start.stage < len(self.cfg.stages):
@@ -232,14 +192,17 @@ class Worker:
                          fold_prefix(self.fold), stage.name, done.epoch)
         return start
 
-    def build(self, saved: dict | None) -> None:
+    def build(self, saved: TrainState | None) -> None:
         """The model, with the run's initial weights or the checkpoint's."""
         import ray
 
         self.raw = build_model(self.cfg.arch, len(TAGS), weights="none", dropout=self.cfg.dropout)
-        self.raw.load_state_dict(saved["model"] if saved is not None else ray.get(self.plan.init))
+        self.raw.load_state_dict(saved.model if saved is not None else ray.get(self.plan.init))
+        if self.rank == 0:  # once per worker group: the workers of a group run on alike hardware
+            log.info("%s%d worker(s): %s, %s", fold_prefix(self.fold), max(1, self.cfg.workers), self.device.type,
+                     self.precision)
 
-    def begin_stage(self, pos: Position, saved: dict | None) -> None:
+    def begin_stage(self, pos: Position, saved: TrainState | None) -> None:
         """A stage's model (its frozen groups, its own data-parallel wrapper), optimiser and one-cycle schedule;
         `saved`: resuming mid-stage, their state from the checkpoint."""
         import ray
@@ -260,16 +223,15 @@ class Worker:
             model.train()
             model = compile_or_eager(model, warm_up_step(self.cfg.batch_size, stage.size, self.device,
                                                          self.precision))
-        self.model, self.compiled = model, isinstance(model, torch._dynamo.eval_frame.OptimizedModule)
+        self.model, self.compiled = model, is_compiled(model)
         self.setup = training_setup(self.raw, stage.lr, self.cfg.weight_decay, steps)
         if saved is not None:
-            self.setup.optimizer.load_state_dict(saved["optimizer"])
-            self.setup.scheduler.load_state_dict(saved["scheduler"])
-        log.info("%sworker %d: %s, %s, %s", fold_prefix(self.fold, ""), self.rank, self.device, self.precision,
-                 "compiled" if self.compiled else "eager")
+            self.setup.optimizer.load_state_dict(saved.optimizer)
+            self.setup.scheduler.load_state_dict(saved.scheduler)
         if self.rank == 0:
-            log.info("%sstage %s: %s, size %d, lr %s\n%s", fold_prefix(self.fold), stage.name,
-                     "frozen" if stage.frozen else "unfrozen", stage.size, stage.lr, table_header(self.fold))
+            log.info("%sstage %s: %s, size %d, lr %s, %s\n%s", fold_prefix(self.fold), stage.name,
+                     "frozen" if stage.frozen else "unfrozen", stage.size, stage.lr,
+                     "compiled" if self.compiled else "eager", table_header(self.fold))
 
     def start_epoch(self, stage_index: int) -> Iterator:
         """The stage's training batches for one epoch, their pipeline already started."""
@@ -335,12 +297,10 @@ class Worker:
         state = None
         if self.rank == 0:
             log.info("%s", format_row(result.metrics, self.fold))
-            state = {"model": self.raw.state_dict(), "optimizer": self.setup.optimizer.state_dict(),
-                     "scheduler": self.setup.scheduler.state_dict(), "stage": pos.stage, "epoch": pos.epoch,
-                     "history": self.history.state(), "kept": self.kept, "config": to_dict(self.cfg)}
-            if stage_end:  # the export tunes thresholds on the last stage's; stages/NAME.pt come from these
-                state["valid_probs"] = torch.from_numpy(result.probs)
-                state["valid_targets"] = torch.from_numpy(result.targets)
+            # a stage's end keeps its validation pass: the export tunes thresholds on the last stage's
+            state = TrainState(self.raw.state_dict(), self.setup.optimizer.state_dict(),
+                               self.setup.scheduler.state_dict(), pos, self.history, self.kept, to_dict(self.cfg),
+                               result.probs if stage_end else None, result.targets if stage_end else None)
         step = len(self.history.epochs)  # one global step across stages
         lost = {"tracking_lost": int(self.plan.tracking.lost)} if self.rank == 0 and self.plan.tracking else {}
         save_and_report(result.metrics | {"step": step, "stage_end": int(stage_end)} | lost, state,

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from planet_batch.data.demo_data import write_demo_data
 from planet_batch.data.labels import TAGS, decode
 from planet_batch.data.layout import LayoutError, read_sample_submission
 from planet_batch.data.submission import check_submission
-from planet_batch.export import ExportError, load_export, save_export
+from planet_batch.export import ExportError, ExportMeta, load_export, save_export
 from planet_batch.model import build_model, normalization
 from planet_batch.scoring.score import ScoreError, run_scoring
 
@@ -38,11 +39,9 @@ def export_dir(tmp_path_factory):
     torch.manual_seed(0)
     model = build_model("resnet18", len(TAGS)).eval()
     thresholds = np.linspace(0.1, 0.5, len(TAGS))
-    return save_export(
-        tmp_path_factory.mktemp("export") / "export", model.state_dict(), arch="resnet18", tags=TAGS, size=SIZE,
-        normalization=normalization("resnet18"), threshold=0.2, thresholds=thresholds, dropout=0.5, config={},
-        metrics={},
-    )
+    return save_export(tmp_path_factory.mktemp("export") / "export", model.state_dict(), ExportMeta(
+        arch="resnet18", tags=TAGS, size=SIZE, normalize=normalization("resnet18"), threshold=0.2,
+        thresholds=thresholds))
 
 
 def read_rows(path):
@@ -310,10 +309,10 @@ def test_an_ensemble_scores_the_mean_of_its_members(ray_local, lite0_hub, demo_r
     other = tmp_path / "other"
     lite0 = "timm/tf_efficientnet_lite0"
     torch.manual_seed(1)
-    save_export(other, build_model(lite0, len(TAGS), weights="imagenet").state_dict(), arch=lite0, tags=TAGS,
-                size=SIZE, normalization=normalization(lite0), threshold=0.2,
-                thresholds=np.linspace(0.3, 0.1, len(TAGS)), dropout=0.5, config={}, metrics={})
-    assert load_export(other).normalization != load_export(export_dir).normalization
+    save_export(other, build_model(lite0, len(TAGS), weights="imagenet").state_dict(), ExportMeta(
+        arch=lite0, tags=TAGS, size=SIZE, normalize=normalization(lite0), threshold=0.2,
+        thresholds=np.linspace(0.3, 0.1, len(TAGS))))
+    assert load_export(other).normalize != load_export(export_dir).normalize
     single = []
     for i, model in enumerate([export_dir, other]):
         run_scoring(ScoreConfig(model=str(model), data=str(demo_root), out=str(tmp_path / f"{i}.csv"),
@@ -336,9 +335,8 @@ def test_an_export_whose_tags_come_in_another_order_scores_the_same(ray_local, e
     plain = load_export(export_dir)
     state = plain.load_state()
     state["1.8.weight"], state["1.8.bias"] = state["1.8.weight"][perm], state["1.8.bias"][perm]
-    swapped = save_export(tmp_path / "swapped", state, arch=plain.arch, tags=tuple(np.asarray(TAGS)[perm]),
-                          size=SIZE, normalization=plain.normalization, threshold=0.2,
-                          thresholds=np.asarray(plain.thresholds)[perm], dropout=0.5, config={}, metrics={})
+    swapped = save_export(tmp_path / "swapped", state, replace(
+        plain, tags=tuple(np.asarray(TAGS)[perm]), thresholds=np.asarray(plain.thresholds)[perm]))
     outputs = {}
     for name, models in {"plain": (str(export_dir),), "swapped": (str(swapped),),
                          "both": (str(export_dir), str(swapped))}.items():
@@ -393,24 +391,3 @@ def test_a_stall_fails_loudly_keeps_the_shards_and_a_rerun_resumes(demo_root, ex
     assert f"resuming: {kept} of 40 images already scored" in again.stderr
     assert check_submission(out, demo_root / "sample_submission_v2.csv") == []
 
-
-def test_the_stall_watch_interrupts_the_write_even_when_sigint_was_ignored(tmp_path, monkeypatch):
-    from planet_batch.scoring.score import ShardProgress
-
-    class Frozen:  # a work folder whose shards stopped coming (a cluster that cannot place the work)
-        def committed_rows(self):
-            return 3
-
-    monkeypatch.setattr(ShardProgress, "POLL_S", 0.05)
-    for inherited in (signal.default_int_handler, signal.SIG_IGN):  # SIG_IGN: started by `nohup` or `cmd &`
-        signal.signal(signal.SIGINT, inherited)
-        try:
-            watch = ShardProgress(Frozen(), 9, 0, 0.3)
-            t0 = time.perf_counter()
-            with pytest.raises(KeyboardInterrupt):
-                with watch:
-                    time.sleep(30)
-            assert signal.getsignal(signal.SIGINT) is inherited  # put back after the write
-        finally:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-        assert time.perf_counter() - t0 < 5 and watch.stalled == "3 of 9 images scored"

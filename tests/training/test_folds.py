@@ -19,7 +19,8 @@ from planet_batch.data.labels import TAGS, decode
 from planet_batch.export import load_export, load_model
 from planet_batch.scoring.score import run_scoring
 from planet_batch.tracking import connect
-from planet_batch.training.folds import make_folds, run_folds
+from planet_batch.training.folds import make_folds
+from planet_batch.training.job import train
 from planet_batch.training.metrics import fbeta, tune_thresholds
 from planet_batch.training.train import TrainError
 
@@ -58,7 +59,7 @@ def folded(ray_local, demo_root, tmp_path_factory, mlflow_server):
     fault_file(ray_local, point).touch()
     run = tmp_path_factory.mktemp("folds") / "run"
     tracker = connect(TrackingConfig(tracking=mlflow_server.uri, experiment="folds"))
-    export = run_folds(cfg("folds=3", "max_failures=2"), demo_root, run, tracker)
+    export = train(cfg("folds=3", "max_failures=2"), demo_root, run, tracker)
     controllers = [a for a in state.actors().values() if a["ActorClassName"] == "TrainController"]
     assert ray.is_initialized()
     return {"run": run, "export": export, "fired": fault_file(ray_local, point, "fired").exists(),
@@ -166,7 +167,7 @@ def test_a_rerun_keeps_the_finished_folds(folded, demo_root, caplog):
     """The same command again (here one fold at a time: how it runs, not what it trains) trains nothing."""
     caplog.set_level("INFO")
     before = (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns
-    run_folds(cfg("folds=3", "max_failures=2", "parallel_folds=1"), demo_root, folded["run"])
+    train(cfg("folds=3", "max_failures=2", "parallel_folds=1"), demo_root, folded["run"])
     assert (folded["run"] / "fold-1" / "export" / "model.pt").stat().st_mtime_ns == before
     assert sum("finished by an earlier run" in r.getMessage() for r in caplog.records) == 3
 
@@ -181,7 +182,7 @@ def test_bad_fold_counts_are_one_line(demo_root):
 
 def test_folds_that_cannot_be_placed_fail_before_any_starts(ray_local, demo_root, tmp_path):
     with pytest.raises(CapacityError, match="4 workers x 1 CPUs = 4 CPUs asked for, the cluster has 2"):
-        run_folds(cfg("folds=3", "workers=4", "cpus_per_worker=1"), demo_root, tmp_path / "run")
+        train(cfg("folds=3", "workers=4", "cpus_per_worker=1"), demo_root, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

@@ -29,7 +29,8 @@ from planet_batch.data.labels import TAGS
 from planet_batch.data.submission import check_submission
 from planet_batch.export import load_export
 from planet_batch.scoring.score import run_scoring
-from planet_batch.training.train import TrainError, run_training, stage_datasets
+from planet_batch.training.job import train
+from planet_batch.training.train import TrainError, stage_datasets
 
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +64,7 @@ TWICE = [{"name": "twice", "size": 32, "epochs": 5, "frozen": False, "lr": 0.01}
 @pytest.fixture(scope="module")
 def calm(ray_local, learnable_root, tmp_path_factory):
     """An undisturbed 5-epoch run with two workers on the learnable data; its export's metrics."""
-    return load_export(run_training(cfg(TWICE), learnable_root, tmp_path_factory.mktemp("calm") / "run")).metrics
+    return load_export(train(cfg(TWICE), learnable_root, tmp_path_factory.mktemp("calm") / "run")).metrics
 
 
 def test_tiny_run_beats_the_best_constant_prediction(calm):
@@ -78,7 +79,7 @@ def test_a_compiled_bf16_run_records_its_mode_and_exports_plain_weights(ray_loca
     """compile: on + precision: bf16 train (a forward and backward compiled before the first batch); the run says
     how it ran, and the export is weights + JSON that an eager model loads, as from any run."""
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": False, "lr": 0.01}]
-    export = run_training(cfg(stages, "workers=0", "compile=on", "precision=bf16"), demo_root, tmp_path / "run")
+    export = train(cfg(stages, "workers=0", "compile=on", "precision=bf16"), demo_root, tmp_path / "run")
     rows = metrics_rows(tmp_path / "run")
     assert [(r["precision"], r["compiled"]) for r in rows] == [("bf16", "True")]
     weights = torch.load(export / "model.pt", weights_only=True)
@@ -95,7 +96,7 @@ def test_two_workers_two_stages_and_export(ray_local, demo_root, tmp_path):
     ]
     run = tmp_path / "run"
     sigint = signal.getsignal(signal.SIGINT)
-    export = run_training(cfg(stages), demo_root, run)
+    export = train(cfg(stages), demo_root, run)
     # Ray Train's fit leaves its Ctrl-C handler behind, which would abort a finished run and exit 0 later
     assert signal.getsignal(signal.SIGINT) is sigint
 
@@ -129,9 +130,9 @@ def test_a_pretrained_timm_body_trains_exports_and_scores_as_it_validated(ray_lo
     stages = [{"name": "frozen", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01},
               {"name": "unfrozen", "size": 32, "epochs": 1, "frozen": False, "lr": [1e-4, 2e-3]}]
     run = tmp_path / "run"
-    export = load_export(run_training(cfg(stages, f"arch={lite0}", "weights=imagenet", "precision=fp32"), demo_root,
+    export = load_export(train(cfg(stages, f"arch={lite0}", "weights=imagenet", "precision=fp32"), demo_root,
                                       run))
-    assert export.arch == lite0 and export.normalization == Normalization((0.5,) * 3, (0.5,) * 3)
+    assert export.arch == lite0 and export.normalize == Normalization((0.5,) * 3, (0.5,) * 3)
     imagenet = timm_model("tf_efficientnet_lite0", "imagenet").state_dict()
     frozen = torch.load(run / "stages" / "frozen.pt", weights_only=True)["model"]
     assert torch.equal(frozen["0.model.conv_stem.weight"], imagenet["conv_stem.weight"])  # frozen: unchanged
@@ -177,7 +178,7 @@ def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, 
     """(On data with an unreadable chip: skipped, named in bad_train_images.csv and one warning, as scoring does.)"""
     stages = [{"name": "only", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     first = tmp_path / "first"
-    export = run_training(cfg(stages, "workers=0"), corrupt_root, first)
+    export = train(cfg(stages, "workers=0"), corrupt_root, first)
     assert len(metrics_rows(first)) == 1
     with open(first / "bad_train_images.csv") as f:
         (bad,) = list(csv.DictReader(f))
@@ -186,7 +187,7 @@ def test_local_mode_runs_in_the_driver_and_starts_from_a_saved_stage(ray_local, 
     assert warning.startswith("1 unreadable training images skipped (first train_3: ")
     assert load_export(export).metrics["n_valid"] == 16 - ("train_3" in train_valid_split(demo_root)[1].names)
     again = [{**stages[0], "name": "again", "start_from": str(first / "stages" / "only.pt")}]
-    run_training(cfg(again, "workers=0"), demo_root, tmp_path / "second")
+    train(cfg(again, "workers=0"), demo_root, tmp_path / "second")
     assert [r["stage"] for r in metrics_rows(tmp_path / "second")] == ["again"]
 
 
@@ -194,7 +195,7 @@ def test_worker_killed_mid_epoch_resumes_from_checkpoint(ray_local, demo_root, t
     stages = [{"name": "faulty", "size": 32, "epochs": 4, "frozen": True, "lr": 0.01}]
     point = "train:faulty:2:1:1"  # stage faulty, epoch 2, batch 1, rank 1
     fault_file(ray_local, point).touch()
-    export = run_training(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run", tracker=tracker)
+    export = train(cfg(stages, "max_failures=2"), demo_root, tmp_path / "run", tracker=tracker)
     assert fault_file(ray_local, point, "fired").exists(), "the fault never fired"
     # Exactly the planned epochs, none repeated: the retry loaded a checkpoint, it did not start over.
     rows = metrics_rows(tmp_path / "run")
@@ -232,7 +233,7 @@ def test_a_restart_whose_latest_checkpoint_is_cut_short_resumes_from_the_one_bef
 
     cutter = threading.Thread(target=cut_the_latest, daemon=True)
     cutter.start()
-    run_training(cfg(stages, "max_failures=2"), demo_root, run)
+    train(cfg(stages, "max_failures=2"), demo_root, run)
     cutter.join()
     assert cut and fault_file(ray_local, kill, "fired").exists(), "the fault never fired"
     assert [int(r["epoch"]) for r in metrics_rows(run)] == [0, 1, 2, 3]
@@ -256,7 +257,7 @@ def test_a_restart_whose_latest_checkpoint_is_cut_short_resumes_from_the_one_bef
 def test_bad_setups_fail_before_training(ray_local, demo_root, tmp_path, overrides, error, match):
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     with pytest.raises(error, match=match):
-        run_training(cfg(stages, *overrides), demo_root, tmp_path / "run")
+        train(cfg(stages, *overrides), demo_root, tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.csv").exists()
 
 
@@ -276,19 +277,20 @@ def test_an_unreadable_training_image_fails_a_strict_run_before_training(ray_loc
 
 
 def test_autoscaling_clusters_skip_the_capacity_check(monkeypatch, demo_root, tmp_path):
-    import planet_batch.training.train as train
+    import planet_batch.training.train as train_module
 
     def stop_before_training(*a, **k):
         raise RuntimeError("reached Ray Train")
 
-    monkeypatch.setattr(train, "ensure_ray", lambda: None)
-    monkeypatch.setattr(train, "check_capacity", lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
-    monkeypatch.setattr(train, "fit_run", stop_before_training)
-    monkeypatch.setattr(train, "quiet_data_progress", lambda: None)
-    monkeypatch.setattr(train, "unreadable", lambda *a: {})
+    monkeypatch.setattr(train_module, "ensure_ray", lambda: None)
+    monkeypatch.setattr(train_module, "check_capacity",
+                        lambda *a: pytest.fail("capacity checked on an autoscaling cluster"))
+    monkeypatch.setattr(train_module, "fit_run", stop_before_training)
+    monkeypatch.setattr(train_module, "quiet_data_progress", lambda: None)
+    monkeypatch.setattr(train_module, "unreadable", lambda *a: {})
     stages = [{"name": "s", "size": 32, "epochs": 1, "frozen": True, "lr": 0.01}]
     with pytest.raises(RuntimeError, match="reached Ray Train"):
-        run_training(cfg(stages, "autoscale=true", "workers=4", "gpu=true"), demo_root, tmp_path / "run")
+        train(cfg(stages, "autoscale=true", "workers=4", "gpu=true"), demo_root, tmp_path / "run")
 
 
 def test_unknown_arch_and_bad_stage_reference_are_config_errors():
@@ -358,7 +360,7 @@ def test_two_worker_deaths_in_one_run_still_finish_like_an_undisturbed_run(ray_l
     points = ["train:twice:2:1:1", "train:twice:4:1:0"]  # rank 1 in epoch 2, then rank 0 in epoch 4
     for p in points:
         fault_file(ray_local, p).touch()
-    hit = load_export(run_training(cfg(TWICE, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
+    hit = load_export(train(cfg(TWICE, "max_failures=3"), learnable_root, tmp_path / "hit")).metrics
     assert all(fault_file(ray_local, p, "fired").exists() for p in points)
     state = torch.load(tmp_path / "hit" / "stages" / "twice.pt", weights_only=True)
     # Each restart resumed from the checkpoint of the epoch before its fault, never from an older one.
@@ -465,7 +467,7 @@ def test_another_config_on_a_run_folder_is_refused_and_overwrite_starts_over(ray
     faults.mkdir()
     short = {**TWO_STAGES, "stages": [{**TWO_STAGES["stages"][0], "epochs": 1}]}
     config.write_text(json.dumps(short))
-    run_training(load_config(TrainConfig, config), demo_root, run)  # on this module's Ray: a CLI start less
+    train(load_config(TrainConfig, config), demo_root, run)  # on this module's Ray: a CLI start less
     first_export = (run / "export" / "model.pt").read_bytes()
 
     changed = train_cli(config, demo_root, run, faults, "--set", "stages.0.epochs=2")

@@ -1,0 +1,114 @@
+"""The worker's resume logic without Ray: which checkpoint a restarted worker group goes on from, and where."""
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+import pytest
+import ray.train
+from test_state import STAGES, state
+
+from planet_batch.config import TrainConfig
+from planet_batch.training import worker
+from planet_batch.training.state import History, Position
+
+
+@pytest.fixture(autouse=True)
+def logged(monkeypatch):
+    """planet_batch's lines reach caplog even after a CLI test set up its own handler (which stops propagation)."""
+    monkeypatch.setattr(logging.getLogger("planet_batch"), "propagate", True)
+
+
+@dataclass
+class FakeCheckpoint:
+    """Ray Train's Checkpoint as the worker uses it: a path, and a local folder holding it."""
+
+    path: str
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+@dataclass
+class Reported:
+    checkpoint: FakeCheckpoint
+    metrics: dict
+
+
+@pytest.fixture
+def checkpoints(tmp_path, monkeypatch):
+    """Three reported checkpoints (steps 1-3, the last the latest) as Ray Train would give them to a worker."""
+    reported = []
+    for step in (1, 2, 3):
+        folder = tmp_path / f"checkpoint_{step}"
+        folder.mkdir()
+        state().save(folder)
+        reported.append(Reported(FakeCheckpoint(str(folder)), {"step": step, "epoch": step - 1}))
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: reported[-1].checkpoint)
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda: list(reported))
+    return reported
+
+
+def cut(reported: Reported) -> None:
+    path = f"{reported.checkpoint.path}/state.pt"
+    with open(path, "r+b") as f:
+        f.truncate(100)
+
+
+def test_a_restart_resumes_from_the_latest_checkpoint(checkpoints, caplog):
+    assert worker.restore(0) is not None
+    assert not caplog.records
+
+
+def test_a_latest_checkpoint_cut_short_falls_back_to_the_newest_readable_one_with_one_warning(checkpoints, caplog,
+                                                                                              monkeypatch):
+    cut(checkpoints[2])
+    cut(checkpoints[1])
+    loaded = []
+    monkeypatch.setattr(worker.TrainState, "from_checkpoint",
+                        classmethod(lambda cls, c: loaded.append(c.path) or cls.load(c.path)))
+    with caplog.at_level(logging.WARNING, "planet_batch"):
+        assert worker.restore(0, "fold-1") is not None
+    assert loaded == [checkpoints[i].checkpoint.path for i in (2, 1, 0)]  # newest first
+    (record,) = caplog.records
+    assert record.getMessage().startswith("fold-1: the latest checkpoint") and "epoch 0" in record.getMessage()
+
+
+def test_no_readable_checkpoint_starts_the_run_over_and_only_rank_0_says_so(checkpoints, caplog):
+    for r in checkpoints:
+        cut(r)
+    with caplog.at_level(logging.WARNING, "planet_batch"):
+        assert worker.restore(1) is None
+        assert not caplog.records
+        assert worker.restore(0) is None
+    assert "starting the run over" in caplog.records[0].getMessage()
+
+
+def test_a_fresh_run_has_nothing_to_restore(monkeypatch):
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    assert worker.restore(0) is None
+
+
+def resumed(saved) -> tuple[Position, worker.Worker]:
+    w = object.__new__(worker.Worker)  # the resume logic alone: no Ray Train context
+    w.cfg, w.rank, w.fold, w.history, w.kept = TrainConfig(arch="resnet18", stages=STAGES), 0, "", History(), {}
+    return w.resume_position(saved), w
+
+
+def test_a_resumed_worker_goes_on_after_the_checkpoint_with_its_history():
+    saved = state()  # the end of stage b (index 1), epoch 0
+    start, w = resumed(saved)
+    assert start == Position(2, 0)
+    assert w.history.epochs == saved.history.epochs and w.kept is saved.kept
+    assert w.history.resumed_after == [("a", 1), ("b", 0)]
+    assert resumed(None)[0] == Position(0, 0)
+
+
+def test_a_checkpoint_of_the_last_epoch_leaves_nothing_to_train(caplog):
+    saved = state()
+    saved.done = Position(2, 2)
+    with caplog.at_level(logging.INFO, "planet_batch"):
+        start, _ = resumed(saved)
+    assert start == Position(3, 0) and worker.schedule(STAGES, start) == []
+    assert "nothing left to train" in caplog.records[-1].getMessage()
