@@ -89,3 +89,14 @@ def tracker(mlflow_server, request):
     from planet_batch.tracking import connect
 
     return connect(TrackingConfig(tracking=mlflow_server.uri, experiment=request.node.name))
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A job that must be refused before any work: starting Ray fails the test."""
+    import planet_batch.scoring.score as scoring
+    import planet_batch.training.folds as folds
+    import planet_batch.training.train as train
+
+    for module in (scoring, train, folds):
+        monkeypatch.setattr(module, "ensure_ray", lambda: pytest.fail("Ray was started for a job that cannot run"))

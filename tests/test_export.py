@@ -11,10 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import tiny_export
-from snapshots import snapshot
+from snapshots import refused
 
-import planet_batch.scoring.score as scoring
-from planet_batch.cli import main
 from planet_batch.data.labels import TAGS
 from planet_batch.export import ExportError, ExportMeta, load_export, save_export
 from planet_batch.model import build_model, normalization
@@ -54,19 +52,9 @@ BAD = {  # model.json field -> (value, the line's text after "model.json: ")
 }
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    monkeypatch.setattr(scoring, "ensure_ray", lambda: pytest.fail("Ray was started for a job that cannot run"))
-
-
-def refused(tmp_path, model, demo_root, capsys) -> str:
+def refused_export(tmp_path, model, demo_root, capsys) -> str:
     """`planet-batch score` on `model`: exit 2, no Ray, nothing written or changed; its one line."""
-    before = snapshot(tmp_path)
-    assert main(["score", "--model", str(model), "--data", str(demo_root), "--out", str(tmp_path / "s.csv")]) == 2
-    assert snapshot(tmp_path) == before
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    return lines[0]
+    return refused(tmp_path, capsys, "score", "--model", model, "--data", demo_root, "--out", tmp_path / "s.csv")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -76,21 +64,21 @@ def test_each_bad_field_is_one_line_naming_it_before_any_work(export, meta, demo
     bad = tmp_path / "bad"
     shutil.copytree(export, bad)
     (bad / "model.json").write_text(json.dumps({**meta, field: value}))
-    assert refused(tmp_path, bad, demo_root, capsys) == f"planet-batch score: error: {bad / 'model.json'}: {line}"
+    assert refused_export(tmp_path, bad, demo_root, capsys) == f"{bad / 'model.json'}: {line}"
 
 
 def test_weights_for_another_arch_or_not_finite_are_one_line(export, meta, demo_root, tmp_path, capsys, no_ray):
     other = tmp_path / "other"
     shutil.copytree(export, other)
     torch.save(build_model("resnet34", len(TAGS)).state_dict(), other / "model.pt")
-    line = refused(tmp_path, other, demo_root, capsys)
-    assert line.startswith(f"planet-batch score: error: {other / 'model.pt'}: not weights of resnet18 (Error(s) in "
+    line = refused_export(tmp_path, other, demo_root, capsys)
+    assert line.startswith(f"{other / 'model.pt'}: not weights of resnet18 (Error(s) in "
                            "loading state_dict for Sequential:"), line
     state = torch.load(export / "model.pt", weights_only=True)
     state["1.8.weight"][3, 5] = float("nan")
     torch.save(state, other / "model.pt")
-    assert refused(tmp_path, other, demo_root, capsys) == (
-        f"planet-batch score: error: {other / 'model.pt'}: 1.8.weight holds NaN or infinite values")
+    assert refused_export(tmp_path, other, demo_root, capsys) == (
+        f"{other / 'model.pt'}: 1.8.weight holds NaN or infinite values")
 
 
 def numbers(lo, hi):

@@ -8,10 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from reference import tiny_export
-from snapshots import snapshot
+from snapshots import refused, snapshot
 
-import planet_batch.scoring.score as scoring
-from planet_batch.cli import main
 from planet_batch.data.labels import TAGS
 from planet_batch.scoring.shards import CREATED, WorkFolder, WorkFolderError
 
@@ -21,11 +19,6 @@ RUN = {"models": ["abc"], "size": 32}
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     return tiny_export(tmp_path_factory.mktemp("export") / "export")
-
-
-@pytest.fixture
-def no_ray(monkeypatch):
-    monkeypatch.setattr(scoring, "ensure_ray", lambda: pytest.fail("Ray was started for a job that cannot run"))
 
 
 def scratch_disk(tmp_path):
@@ -42,21 +35,17 @@ def scratch_disk(tmp_path):
 def test_a_folder_that_is_not_a_work_folder_is_refused_and_kept_byte_for_byte(demo_root, export, tmp_path, capsys,
                                                                              no_ray, overwrite, how):
     scratch = scratch_disk(tmp_path)
-    before = snapshot(tmp_path)
     out = tmp_path / "submission.csv"
-    args = ["score", "--model", str(export), "--data", str(demo_root)]
+    args = ["score", "--model", export, "--data", demo_root]
     if how == "flags":
-        args += ["--out", str(out), "--work-dir", str(scratch), *(["--overwrite"] if overwrite else [])]
+        args += ["--out", out, "--work-dir", scratch, *(["--overwrite"] if overwrite else [])]
     else:  # a score config YAML can set both
         config = tmp_path / "score.yaml"
         config.write_text(yaml.safe_dump({"out": str(out), "work_dir": str(scratch), "overwrite": overwrite}))
-        before = snapshot(tmp_path)
-        args += ["--config", str(config)]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"planet-batch score: error: work folder {scratch} exists and is not one (no scoring run.json; it "
-                   "holds empty-folder and 1 more): give another --work-dir, nothing there is touched"]
-    assert snapshot(tmp_path) == before
+        args += ["--config", config]
+    assert refused(tmp_path, capsys, *args) == (
+        f"work folder {scratch} exists and is not one (no scoring run.json; it holds empty-folder and 1 more): give "
+        "another --work-dir, nothing there is touched")
 
 
 def test_a_new_folder_is_made_marked_and_removed_after_success_an_empty_given_one_stays(tmp_path):

@@ -1,0 +1,101 @@
+"""The model side of scoring without Ray: the predictor actor's batches against a plain loop (with TTA, an
+ensemble, unreadable rows, exports whose tags come in another order) and which exports may score together."""
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import ray
+import torch
+from reference import plain_probs, tiny_export
+
+from planet_batch.data.labels import TAGS
+from planet_batch.data.transforms import decode_batch
+from planet_batch.export import load_export, save_ensemble, save_export
+from planet_batch.scoring import ScoreError
+from planet_batch.scoring.predictor import Predictor, load_ensemble
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def chips(demo_root):
+    return sorted((demo_root / "test-jpg").glob("*.jpg"))[:6]
+
+
+def predictor(paths, tta=False, monkeypatch=None, **kw) -> Predictor:
+    """The actor as Ray Data builds it, its weights given directly instead of through the object store."""
+    ensemble = load_ensemble([str(p) for p in paths])
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    return Predictor(ensemble, [m.load_state() for m in ensemble.members], threads=1, tta=tta, precision="fp32",
+                     **kw)
+
+
+def batch(chips, broken=()):
+    data = [b"not a jpeg" if i in broken else p.read_bytes() for i, p in enumerate(chips)]
+    return decode_batch({"bytes": data, "path": [str(p) for p in chips]}, SIZE, keep_bad=True)
+
+
+def probs(out) -> np.ndarray:
+    return np.column_stack([out[t] for t in TAGS])
+
+
+@pytest.fixture(scope="module")
+def export(tmp_path_factory):
+    return tiny_export(tmp_path_factory.mktemp("export") / "export", SIZE)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_a_batch_scores_as_the_plain_loop_and_unreadable_rows_are_zeros(export, chips, tta, monkeypatch):
+    out = predictor([export], tta, monkeypatch)(batch(chips, broken={2}))
+    expected = plain_probs(export, chips, SIZE, tta=tta)
+    got = probs(out)
+    np.testing.assert_allclose(np.delete(got, 2, 0), np.delete(expected, 2, 0), atol=1e-5)
+    assert not got[2].any() and out["ok"].tolist() == [True, True, False, True, True, True]
+    assert out["error"][2] and list(out["image_name"]) == [p.stem for p in chips]
+
+
+def test_an_export_with_its_tags_in_another_order_scores_the_same_alone_and_in_an_ensemble(export, chips, tmp_path,
+                                                                                           monkeypatch):
+    plain = load_export(export)
+    perm = np.arange(len(TAGS))
+    perm[[TAGS.index("clear"), TAGS.index("primary")]] = perm[[TAGS.index("primary"), TAGS.index("clear")]]
+    state = plain.load_state()
+    state["1.8.weight"], state["1.8.bias"] = state["1.8.weight"][perm], state["1.8.bias"][perm]
+    swapped = save_export(tmp_path / "swapped", state, replace(plain, tags=tuple(np.asarray(TAGS)[perm]),
+                                                               thresholds=np.linspace(0.1, 0.5, len(TAGS))[perm]))
+    want = probs(predictor([export], monkeypatch=monkeypatch)(batch(chips)))
+    for paths in ([swapped], [export, swapped]):
+        np.testing.assert_allclose(probs(predictor(paths, monkeypatch=monkeypatch)(batch(chips))), want, atol=1e-6)
+    # each --model's thresholds into TAGS order too
+    np.testing.assert_allclose(load_ensemble([str(swapped)]).thresholds, np.linspace(0.1, 0.5, len(TAGS)), atol=1e-4)
+
+
+def test_an_ensemble_averages_its_members(export, chips, tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    other = tiny_export(tmp_path / "other", SIZE)  # another seed, other weights
+    state = load_export(other).load_state()
+    state["1.8.bias"] += 1.0
+    save_export(other, state, load_export(other))
+    single = [probs(predictor([p], monkeypatch=monkeypatch)(batch(chips))) for p in (export, other)]
+    both = probs(predictor([export, other], monkeypatch=monkeypatch)(batch(chips)))
+    assert not np.allclose(single[0], single[1], atol=1e-3)
+    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+
+
+def test_a_fold_ensemble_counts_as_its_members_with_its_own_thresholds(tmp_path):
+    for i in range(2):
+        tiny_export(tmp_path / f"fold-{i}" / "export", SIZE)
+    oof = np.linspace(0.3, 0.1, len(TAGS))
+    save_ensemble(tmp_path / "export", ["fold-0/export", "fold-1/export"], threshold=0.2, thresholds=oof,
+                  config={}, metrics={}, tracking_run="parent")
+    ensemble = load_ensemble([str(tmp_path / "export")])
+    assert len(ensemble.members) == 2 and ensemble.runs == ("parent",)
+    np.testing.assert_allclose(ensemble.thresholds, oof, atol=1e-4)
+
+
+def test_exports_of_other_input_sizes_do_not_score_together(export, tmp_path):
+    big = tiny_export(tmp_path / "big", 64)
+    with pytest.raises(ScoreError, match=rf"^--model {big} takes 64px images, --model {export} {SIZE}px: an "
+                                         "ensemble decodes each image once, at one size$"):
+        load_ensemble([str(export), str(big)])
