@@ -127,8 +127,7 @@ def claim_run_folder(run_dir: Path, cfg: TrainConfig) -> None:
         return
     if cfg.overwrite:
         ray_run = locate(ray_storage(cfg, run_dir)) / run_name(run_dir)
-        for path in (run_dir / "stages", run_dir / "export", run_dir / "metrics.csv", run_dir / "losses.png",
-                     run_dir / RUN_FILE, saved):  # (a new MLflow run too)
+        for path in (run_dir / n for n in WRITTEN if n != "ray"):  # (a new MLflow run too; ray/: below)
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         if ray_run.is_dir():
             ray_run.fs.delete_dir(ray_run.path)
