@@ -226,10 +226,10 @@ def uninterrupted(many_root, export64, tmp_path_factory):
     return out.read_bytes()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
-def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, uninterrupted, tmp_path, sig):
-    """The driver killed (SIGKILL), stopped by a scheduler (SIGTERM) or Ctrl-C once its first shards are in: no
-    submission; the same command again scores only the rest and writes the same bytes.
+def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, uninterrupted, tmp_path):
+    """The driver stopped by a scheduler (SIGTERM: the path of Ctrl-C too) once its first shards are in: no
+    submission; the same command again scores only the rest and writes the same bytes. (A driver killed outright
+    leaves pending commits: test_shards' recovery test, and the cluster's lost head node, test_cluster.)
 
     Interrupted early: the tasks Ray Data had started may still commit while the driver shuts down (once, on a
     loaded CI machine, all of the 800 rows left after an interruption at 700)."""
@@ -243,14 +243,14 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
     while committed_rows(work) == 0 if work.exists() else True:
         assert proc.poll() is None and time.monotonic() < deadline, "scoring ended before the interruption"
         time.sleep(0.2)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGTERM)
     stderr = proc.communicate(timeout=120)[1]
-    assert proc.returncode == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGINT: 130}[sig], stderr[-2000:]
+    assert proc.returncode == 143, stderr[-2000:]
     assert not out.exists()
-    if sig != signal.SIGKILL:  # one line saying so, after where the shards are kept; no traceback
-        said = {signal.SIGTERM: "stopped (SIGTERM)", signal.SIGINT: "interrupted"}[sig]
-        assert stderr.splitlines()[-1] == f"planet-batch score: {said}" and "Traceback" not in stderr, stderr[-2000:]
-        assert f"the shards written so far are kept in {work}: the same command resumes" in stderr
+    # one line saying so, after where the shards are kept; no traceback
+    assert stderr.splitlines()[-1] == "planet-batch score: stopped (SIGTERM)" and "Traceback" not in stderr, \
+        stderr[-2000:]
+    assert f"the shards written so far are kept in {work}: the same command resumes" in stderr
     kept = settled(lambda: committed_rows(work))  # the dead driver's Ray finishes or drops the writes it started
 
     done = run_cli(score_cmd(export64, many_root, out))
@@ -262,24 +262,6 @@ def test_interrupted_scoring_resumes_where_it_stopped(many_root, export64, unint
     assert summary["scored_images"] == 750 - kept and summary["images"] == 750
     assert out.read_bytes() == uninterrupted
     assert not work.exists()
-
-
-def test_a_rerun_refuses_rows_of_another_model_and_overwrite_starts_over(demo_root, export_dir, export64, tmp_path):
-    out = tmp_path / "submission.csv"
-    first = run_cli(score_cmd(export_dir, demo_root, out, "--keep-parts"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    out.unlink()
-    other = run_cli(score_cmd(export64, demo_root, out))
-    assert other.returncode == 2 and not out.exists()
-    assert other.stderr.strip().splitlines()[-1] == (
-        f"planet-batch score: error: work folder {out}.parts: its rows were scored with another --model and "
-        "input size; rerun with the same ones to resume, or pass --overwrite to start over")
-    tta = run_cli(score_cmd(export_dir, demo_root, out, "--tta"))
-    assert tta.returncode == 2 and "scored with another --tta;" in tta.stderr
-    fresh = run_cli(score_cmd(export64, demo_root, out, "--overwrite"))
-    assert fresh.returncode == 0, fresh.stderr[-2000:]
-    summary = json.loads((tmp_path / "score_summary.json").read_text())
-    assert summary["resumed_images"] == 0 and summary["scored_images"] == 40
 
 
 def test_thresholds_change_without_rescoring_and_a_corrupt_shard_is_rescored(ray_local, demo_root, export_dir,

@@ -10,7 +10,11 @@ import yaml
 from reference import tiny_export
 from snapshots import refused, snapshot
 
+import planet_batch.scoring.score as scoring
+from planet_batch.cluster.storage import locate
+from planet_batch.config import ScoreConfig
 from planet_batch.data.labels import TAGS
+from planet_batch.scoring.predictor import load_ensemble
 from planet_batch.scoring.shards import CREATED, WorkFolder, WorkFolderError
 
 RUN = {"models": ["abc"], "size": 32}
@@ -94,6 +98,28 @@ def test_rows_of_another_run_are_refused_and_a_file_is_no_folder(tmp_path):
     with pytest.raises(WorkFolderError, match="is a file"):
         WorkFolder.open(str(tmp_path / "f"), RUN, overwrite=True)
     assert (tmp_path / "f").read_text() == "x"
+
+
+def test_a_rerun_with_another_model_size_or_tta_is_refused_and_overwrite_starts_over(export, demo_root, tmp_path):
+    """What the rows were computed with (score.open_work_folder): the weights, input size and TTA must match."""
+    other = tiny_export(tmp_path / "other", 64)
+
+    def reopen(model, **kw):
+        cfg = ScoreConfig(model=(str(model),), data=str(demo_root), out=str(tmp_path / "s.csv"), **kw)
+        ensemble = load_ensemble(cfg.model)
+        weights = [m.weights.read_bytes() for m in ensemble.members]
+        return scoring.open_work_folder(cfg, locate(cfg.out), ensemble, weights, scoring.expected_images(cfg))
+
+    work = reopen(export)
+    shard(work, "a", ["test_0"])
+    assert reopen(export).recover() == {"/d/test_0.jpg"}  # the same run resumes
+    with pytest.raises(WorkFolderError, match=rf"^work folder {work.root}: its rows were scored with another --model "
+                                              r"and input size; rerun with the same ones to resume, or pass "
+                                              r"--overwrite to start over$"):
+        reopen(other)
+    with pytest.raises(WorkFolderError, match="its rows were scored with another --tta;"):
+        reopen(export, tta=True)
+    assert reopen(other, overwrite=True).recover() == set()  # emptied: every image is scored again
 
 
 def shard(work: WorkFolder, task: str, names: list[str], ids: list[str] | None = None, pending: bool = False) -> None:
