@@ -16,7 +16,6 @@ import pyarrow.parquet as pq
 import pytest
 from clusters import (
     client,
-    get_json,
     http_status,
     predictors,
     run_job,
@@ -149,29 +148,6 @@ def test_requests_without_the_token_are_refused(cluster):
     assert http_status(f"{cluster['url']}/api/jobs/", cluster["token"]) == 200
     with pytest.raises(Exception, match="401|[Uu]nauthori[sz]ed|[Aa]uthenticat"):
         JobSubmissionClient(cluster["url"], headers={"Authorization": "Bearer wrong"}).list_jobs()
-
-
-def test_score_job_on_the_cluster(cluster, demo_root, tmp_path):
-    export = tiny_export(tmp_path / "export")
-    out = tmp_path / "submission.csv"
-    logs = run_job(cluster, f"python jobs/score.py --model {export} --data {demo_root} --out {out} --batch-size 8").logs
-    assert f"submission: {out}" in logs
-    assert check_submission(out, demo_root / "sample_submission_v2.csv") == []
-
-
-def test_train_job_spreads_workers_over_both_nodes(cluster, demo_root, tmp_path):
-    run = tmp_path / "run"
-    stages = '[{name: s1, size: 32, epochs: 1, frozen: true, lr: 0.01}]'
-    job = run_job(cluster, (
-        f"python jobs/train.py --config jobs/configs/demo.yaml --data {demo_root} --out {run} "
-        f"--set 'stages={stages}' --set batch_size=16 --set placement_strategy=STRICT_SPREAD"
-    ))
-    assert f"export: {run / 'export'}" in job.logs
-    assert (run / "export" / "model.json").exists() and (run / "metrics.csv").exists()
-    workers = get_json(cluster, "/api/v0/actors?detail=1&limit=1000&filter_keys=class_name"
-                                "&filter_predicates=%3D&filter_values=RayTrainWorker")["data"]["result"]["result"]
-    workers = [w for w in workers if w["job_id"] == job.job_id]
-    assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers
 
 
 def test_a_local_ray_keeps_its_dashboard_on_loopback_and_wants_the_token(tmp_path):

@@ -10,7 +10,7 @@ import torch
 from reference import plain_probs, tiny_export
 
 from planet_batch.data.labels import TAGS
-from planet_batch.data.transforms import decode_batch
+from planet_batch.data.transforms import Normalization, decode_batch
 from planet_batch.export import load_export, save_ensemble, save_export
 from planet_batch.scoring import ScoreError
 from planet_batch.scoring.predictor import Predictor, load_ensemble
@@ -71,16 +71,18 @@ def test_an_export_with_its_tags_in_another_order_scores_the_same_alone_and_in_a
     np.testing.assert_allclose(load_ensemble([str(swapped)]).thresholds, np.linspace(0.1, 0.5, len(TAGS)), atol=1e-4)
 
 
-def test_an_ensemble_averages_its_members(export, chips, tmp_path, monkeypatch):
+def test_an_ensemble_averages_its_members_each_normalised_its_own_way(export, chips, tmp_path, monkeypatch):
     torch.manual_seed(1)
-    other = tiny_export(tmp_path / "other", SIZE)  # another seed, other weights
-    state = load_export(other).load_state()
-    state["1.8.bias"] += 1.0
-    save_export(other, state, load_export(other))
+    other = tiny_export(tmp_path / "other", SIZE)  # another seed, other weights; and another body's statistics
+    save_export(other, load_export(other).load_state(), replace(
+        load_export(other), normalize=Normalization((0.5,) * 3, (0.5,) * 3), thresholds=np.linspace(0.3, 0.1, 17)))
     single = [probs(predictor([p], monkeypatch=monkeypatch)(batch(chips))) for p in (export, other)]
+    np.testing.assert_allclose(single[1], plain_probs(other, chips, SIZE), atol=1e-5)
     both = probs(predictor([export, other], monkeypatch=monkeypatch)(batch(chips)))
     assert not np.allclose(single[0], single[1], atol=1e-3)
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
+    np.testing.assert_allclose(load_ensemble([str(export), str(other)]).thresholds,
+                               (0.2 + np.linspace(0.3, 0.1, 17)) / 2, atol=1e-4)  # each --model's tuned, averaged
 
 
 def test_a_fold_ensemble_counts_as_its_members_with_its_own_thresholds(tmp_path):

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -284,54 +283,6 @@ def test_thresholds_change_without_rescoring_and_a_corrupt_shard_is_rescored(ray
     assert f"shard {shard} is unreadable" in caplog.text
     assert out.read_bytes() == first
     assert not (tmp_path / "submission.csv.parts").exists()
-
-
-def test_an_ensemble_scores_the_mean_of_its_members(ray_local, lite0_hub, demo_root, export_dir, tmp_path):
-    """A resnet18 and a pretrained Lite0: each image decoded once, each member normalised its own way."""
-    other = tmp_path / "other"
-    lite0 = "timm/tf_efficientnet_lite0"
-    torch.manual_seed(1)
-    save_export(other, build_model(lite0, len(TAGS), weights="imagenet").state_dict(), ExportMeta(
-        arch=lite0, tags=TAGS, size=SIZE, normalize=normalization(lite0), threshold=0.2,
-        thresholds=np.linspace(0.3, 0.1, len(TAGS))))
-    assert load_export(other).normalize != load_export(export_dir).normalize
-    single = []
-    for i, model in enumerate([export_dir, other]):
-        run_scoring(ScoreConfig(model=str(model), data=str(demo_root), out=str(tmp_path / f"{i}.csv"),
-                                probs_out=str(tmp_path / f"{i}.pq"), precision="fp32"))
-        single.append(pq.read_table(tmp_path / f"{i}.pq").to_pandas()[list(TAGS)].to_numpy())
-    run_scoring(ScoreConfig(model=(str(export_dir), str(other)), data=str(demo_root), out=str(tmp_path / "e.csv"),
-                            probs_out=str(tmp_path / "e.pq"), threshold="tuned", precision="fp32"))
-    both = pq.read_table(tmp_path / "e.pq").to_pandas()[list(TAGS)].to_numpy()
-    np.testing.assert_allclose(both, (single[0] + single[1]) / 2, atol=1e-6)
-    tuned = (np.asarray(load_export(export_dir).thresholds) + np.linspace(0.3, 0.1, len(TAGS))) / 2
-    assert [r[1] for r in read_rows(tmp_path / "e.csv")[1:]] == decode(both, tuned)
-
-
-def test_an_export_whose_tags_come_in_another_order_scores_the_same(ray_local, export_dir, demo_root, tmp_path):
-    """The export's tag order names its outputs everywhere downstream: the same model with two outputs (and their
-    thresholds) swapped and listed so gives the same probs.parquet and submission, alone and in an ensemble."""
-    i, j = TAGS.index("clear"), TAGS.index("primary")
-    perm = np.arange(len(TAGS))
-    perm[[i, j]] = perm[[j, i]]
-    plain = load_export(export_dir)
-    state = plain.load_state()
-    state["1.8.weight"], state["1.8.bias"] = state["1.8.weight"][perm], state["1.8.bias"][perm]
-    swapped = save_export(tmp_path / "swapped", state, replace(
-        plain, tags=tuple(np.asarray(TAGS)[perm]), thresholds=np.asarray(plain.thresholds)[perm]))
-    outputs = {}
-    for name, models in {"plain": (str(export_dir),), "swapped": (str(swapped),),
-                         "both": (str(export_dir), str(swapped))}.items():
-        run_scoring(ScoreConfig(model=models, data=str(demo_root), out=str(tmp_path / f"{name}.csv"),
-                                probs_out=str(tmp_path / f"{name}.pq"), threshold="tuned", precision="fp32"))
-        outputs[name] = ((tmp_path / f"{name}.csv").read_bytes(), pq.read_table(tmp_path / f"{name}.pq"))
-    tags = [row[1] for row in read_rows(tmp_path / "plain.csv")[1:]]
-    assert any("clear" in t for t in tags) and any("primary" in t for t in tags)
-    for name in ("swapped", "both"):
-        assert outputs[name][0] == outputs["plain"][0]
-        for tag in TAGS:
-            np.testing.assert_allclose(outputs[name][1][tag].to_numpy(), outputs["plain"][1][tag].to_numpy(),
-                                       atol=1e-6)
 
 
 def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_root, export_dir, export64, tmp_path):

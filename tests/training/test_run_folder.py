@@ -6,7 +6,7 @@ import shutil
 import pytest
 from snapshots import refused
 
-from planet_batch.config import TrainConfig, load_config
+from planet_batch.config import TrainConfig, load_config, save_config
 from planet_batch.training import TrainError
 from planet_batch.training.run_folder import RUN_ID_FILE, claim_run_folder, mark_run_folder, run_name
 
@@ -32,6 +32,25 @@ def test_a_folder_holding_what_training_writes_but_not_written_by_it_is_refused(
     assert refused(tmp_path, capsys, *args, *[a for t in TINY for a in ("--set", t)], *extra) == (
         f"run folder {folder} holds config.yaml, export, metrics.csv, not written by planet-batch (no "
         f"{RUN_ID_FILE}): give another --out; nothing there is touched")
+
+
+def test_another_config_on_a_run_folder_is_refused_and_the_same_one_goes_on(demo_root, tmp_path, capsys):
+    """A run folder holds one run: another model's config is one line and nothing touched; the same config (how it
+    runs may differ: max_failures) goes on."""
+    run = tmp_path / "run"
+    run.mkdir()
+    cfg = load_config(TrainConfig, None, TINY)
+    mark_run_folder(run)
+    save_config(cfg, run / "config.yaml")
+    (run / "export").mkdir()
+    (run / "export" / "model.pt").write_bytes(b"the first run's weights")
+    args = ["train", "--config", "jobs/configs/demo.yaml", "--data", demo_root, "--out", run,
+            *[a for t in TINY for a in ("--set", t)]]
+    assert refused(tmp_path, capsys, *args, "--set", "stages.0.epochs=2") == (
+        f"run folder {run} holds a run of another config (stages[0].epochs: 1 -> 2): the same config resumes it, "
+        "--overwrite starts over")
+    claim_run_folder(run, load_config(TrainConfig, None, [*TINY, "max_failures=7"]))
+    assert (run / "export" / "model.pt").read_bytes() == b"the first run's weights"
 
 
 def test_overwrite_removes_only_what_training_wrote_and_gives_a_new_run_id(tmp_path):
