@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from mlflow_servers import MlflowServer, free_port
 
+from planet_batch.cli import main
 from planet_batch.cluster.runtime import FAULT_DIR_ENV, fault_file
 from planet_batch.tracking import flat_params, reason, safe_uri
 
@@ -66,22 +67,27 @@ def refusing_server():
     server.shutdown()
 
 
-def test_a_server_that_cannot_be_used_is_one_line_before_any_work(demo_root, tmp_path, refusing_server):
+def test_a_server_that_cannot_be_used_is_one_line_before_any_work(demo_root, tmp_path, refusing_server, monkeypatch,
+                                                                   capsys, no_ray):
     config = tmp_path / "one.yaml"
     config.write_text(json.dumps(ONE_WORKER))
     nobody = f"http://ci:hunter2@127.0.0.1:{free_port()}"  # nothing listens there
     cases = [
         (["train", "--config", str(config), "--data", str(demo_root), "--out", str(tmp_path / "run")],
-         {"MLFLOW_TRACKING_URI": nobody}, "Connection refused"),
+         nobody, "Connection refused"),
         (["train", "--config", str(config), "--data", str(demo_root), "--out", str(tmp_path / "run"),
-          "--tracking", refusing_server], {}, "403 Forbidden"),
+          "--tracking", refusing_server], None, "403 Forbidden"),
         (["score", "--model", str(tmp_path / "none"), "--data", str(demo_root), "--out", str(tmp_path / "s.csv")],
-         {"MLFLOW_TRACKING_URI": nobody}, "Connection refused"),
+         nobody, "Connection refused"),
     ]
-    for args, env, why in cases:
-        done = cli(*args, env=env)
-        lines = (done.stdout + done.stderr).strip().splitlines()
-        assert done.returncode == 2 and len(lines) == 1, lines
+    for args, env_uri, why in cases:
+        if env_uri:
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", env_uri)
+        else:
+            monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        assert main(args) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1, lines
         assert lines[0].startswith(f"planet-batch {args[0]}: error: tracking: cannot use the MLflow server at "
                                    "http://127.0.0.1:") and why in lines[0], lines
         assert "hunter2" not in lines[0]

@@ -17,7 +17,7 @@ import pytest
 import torch
 from reference import plain_probs, tiny_export
 
-from planet_batch.cluster.runtime import FAULT_DIR_ENV, fault_file
+from planet_batch.cluster.runtime import fault_file
 from planet_batch.config import ScoreConfig
 from planet_batch.data.demo_data import write_demo_data
 from planet_batch.data.labels import TAGS, decode
@@ -298,29 +298,22 @@ def test_ensemble_members_must_agree_and_the_work_folder_must_be_writable(demo_r
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
 
-def test_a_stall_fails_loudly_keeps_the_shards_and_a_rerun_resumes(demo_root, export_dir, tmp_path):
+def test_a_stall_fails_loudly_keeps_the_shards_and_a_rerun_resumes(ray_local, demo_root, export_dir, tmp_path):
     """The only predictor actor hangs at its fourth batch (a cluster that cannot place the work looks the same to
-    the driver: no new shard): after --stall-timeout, one error line, exit 2, no submission, the committed shards
-    kept; the same command again resumes from them and finishes. (The limit counts from the start too, and the
-    first shard waits for the actor's start-up: 8-20 s on 2 cores, 6 s was too short on CI.)"""
-    out, faults = tmp_path / "out" / "submission.csv", tmp_path / "faults"
-    out.parent.mkdir()
-    faults.mkdir()
-    fault_file(faults, "score:batch:3", "hang").touch()
-    cmd = score_cmd(export_dir, demo_root, out, "--actors", "1", "--batch-size", "8", "--shard-rows", "8",
-                    "--stall-timeout", "30")
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
-    stalled = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert fault_file(faults, "score:batch:3", "hanging").exists(), stalled.stderr[-2000:]
-    errors = [line for line in stalled.stderr.splitlines() if "error:" in line]
-    assert stalled.returncode == 2 and len(errors) == 1, stalled.stderr[-2000:]
-    assert errors[0].startswith("planet-batch score: error: no new shard in 30 s (") and "rerun" in errors[0]
-    assert "Traceback" not in stalled.stderr and not out.exists()
-    kept = committed_rows(out.parent / "submission.csv.parts")
+    the driver: nothing moves): after --stall-timeout, Ray Data's no-progress guard ends the run with our one-line
+    error, no submission, the committed shards kept; the same call again resumes from them and finishes. (The
+    limit counts from the start too: the actor's start-up must fit in it.)"""
+    out = tmp_path / "submission.csv"
+    fault_file(ray_local, "score:batch:3", "hang").touch()
+    kw = {"data": str(demo_root), "actors": 1, "shard_rows": 8, "stall_timeout_s": 30.0}
+    with pytest.raises(ScoreError) as stalled:
+        score(tmp_path, export_dir, **kw)
+    assert fault_file(ray_local, "score:batch:3", "hanging").exists()
+    assert str(stalled.value).startswith("no new shard in 30 s (") and "rerun" in str(stalled.value), stalled.value
+    assert not out.exists()
+    kept = committed_rows(tmp_path / "submission.csv.parts")
     assert 0 < kept < 40, kept
 
-    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert f"resuming: {kept} of 40 images already scored" in again.stderr
+    summary = score(tmp_path, export_dir, **kw)
+    assert summary.resumed_images == kept and summary.scored_images == 40 - kept
     assert check_submission(out, demo_root / "sample_submission_v2.csv") == []
-

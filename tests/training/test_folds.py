@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from console import folded_lines, noise
 from reference import plain_probs
 
 from planet_batch.cluster.runtime import CapacityError, fault_file
@@ -255,6 +256,15 @@ def test_an_interrupted_k_fold_run_keeps_its_finished_fold_and_resumes_the_other
     assert out.count("finished by an earlier run, export kept") == 1 and kept_export.stat().st_mtime_ns == kept
     resumed = dict(re.findall(r"(fold-\d): resuming s at epoch (\d)", out))
     assert len(resumed) == 2 and "1" in resumed.values(), out[-3000:]  # the hung fold goes on at its epoch 1
+    # The console, two folds side by side: their rows arrive together and look alike to Ray's log deduplication
+    # (which drops every word with a digit); each fold epoch the rerun trained still gets its own line.
+    lines = out.splitlines()
+    assert noise(lines) == [] and folded_lines(lines) == [], "\n".join(noise(lines) + folded_lines(lines))
+    rows = sorted(tuple(line.split(": ")[-1].split()[:2]) for line in lines
+                  if re.match(r"^fold-\d\s+\d+\s+\d\.\d{6}\s", line.split(": ")[-1]))
+    assert rows == sorted((f, str(e)) for f, start in resumed.items() for e in range(int(start), 3)), out[-3000:]
+    assert any("3 folds of 80 labelled images (" in line and ", 2 at a time" in line for line in lines)
+    assert any("out of fold: F2" in line for line in lines) and f"export: {run / 'export'}" in lines
     for i in range(3):
         assert pd.read_csv(run / f"fold-{i}" / "metrics.csv")["epoch"].tolist() == [0, 1, 2]
     oof = pq.read_table(run / "oof.parquet").to_pandas()
