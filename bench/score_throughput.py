@@ -8,7 +8,8 @@
 single-process loop that reads, decodes, predicts and writes the CSV; (c) the Ray Data
 pipeline end to end (Ray already running, as under a job) and in steady state (rows
 received between 25% and 90% of the run). The last line is JSON with every figure.
-Images are 256x256 JPEGs: 64 distinct rendered chips repeated under new names.
+Images are 256x256 4-component (CMYK) JPEGs like the real chips: 64 distinct rendered chips repeated under new
+names. The forward and the plain loop run fp32 on every device (named by what ran).
 """
 
 import argparse
@@ -41,7 +42,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
     protos = []
     for i, tags in enumerate(sample_tag_sets(64, rng)):
         p = folder / f"proto_{i}.jpg"
-        render(tags, rng).save(p, quality=90)
+        render(tags, rng).convert("CMYK").save(p, quality=90)  # 4-component, as the real chips are
         protos.append(p)
     paths = [folder / f"test_{i}.jpg" for i in range(n)]
     for i, p in enumerate(paths):
@@ -64,7 +65,7 @@ def forward_rate(export_dir: Path, batch: int, threads: int, device: torch.devic
     model = exp.build(device)
     x = to_model_input(np.random.default_rng(0).integers(0, 255, (batch, exp.size, exp.size, 3), dtype=np.uint8),
                        device, exp.normalize)
-    with inference(device):
+    with inference(device, "fp32"):
         model(x).float().cpu()
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
@@ -80,7 +81,7 @@ def plain_loop_rate(export_dir: Path, paths: list[Path], batch: int, threads: in
     exp = load_export(export_dir)
     model = exp.build(device)
     probs = []
-    with inference(device):
+    with inference(device, "fp32"):
         for i in range(0, len(paths), batch):
             images = np.stack([decode_image(p.read_bytes(), exp.size, p.stem) for p in paths[i:i + batch]])
             probs.append(torch.sigmoid(model(to_model_input(images, device, exp.normalize)).float()).cpu().numpy())
@@ -98,7 +99,7 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
 
     t0 = time.perf_counter()
     score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
-                                  cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, overwrite=True,
+                                  cpus_per_actor=cpus_per_actor, gpus_per_actor=str(gpus_per_actor), overwrite=True,
                                   shard_rows=shard_rows, keep_parts=True, precision=precision, compile=compile))
     wall = time.perf_counter() - t0
     commits = [p for p in (out.parent / f"{out.name}.parts" / "commits").glob("*.parquet")]

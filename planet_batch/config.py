@@ -241,7 +241,8 @@ class ScoreConfig:
     threshold: Str = flag("0.2", group=SCORING, help="a number (default 0.2) or 'tuned' for the export's per-class "
                           "thresholds")
     tta: Bool = flag(False, group=SCORING, help="average the 8 dihedral views")
-    batch_size: Int = flag(64, group=SPEED, help="images per predictor call", ge=1, le=65536)
+    batch_size: Int = flag(0, group=SPEED, help="images per predictor call; 0: 64 on CPU actors, 256 on GPU actors",
+                           ge=0, le=65536)
     actors: Int = flag(0, group=RAY, help="predictor actors (default: one per GPU with gpus_per_actor, else one per "
                        "CPU of the cluster)", ge=0, le=4096)
     # With one actor per CPU, 0.25 leaves the read/decode tasks 3/4 of the cluster, and still half of it after a
@@ -249,7 +250,8 @@ class ScoreConfig:
     # (tests/cluster/test_cluster.py). Same speed on 2 cores.
     cpus_per_actor: Float = flag(0.25, group=RAY, help="logical CPUs per predictor actor (its threads are "
                                  "--torch-threads)", gt=0, lt=1024)
-    gpus_per_actor: Float = flag(0.0, group=RAY, help="GPUs per predictor actor", ge=0, le=64)
+    gpus_per_actor: Str = flag("auto", group=RAY, help="GPUs per predictor actor: auto (1 where the cluster has GPUs, "
+                               "else 0) or a number")
     torch_threads: Int = flag(0, group=SPEED, help="torch threads per actor; 0: the node's cores shared among the "
                               "actors", ge=0, le=1024)
     probs_out: Str | None = flag(None, group=OUTPUT, help="also write every probability to this Parquet file (a path "
@@ -274,10 +276,23 @@ class ScoreConfig:
     def _one_model(cls, value):
         return (value,) if isinstance(value, str) else value  # `model: path` for a list of one
 
-    @field_validator("threshold", mode="before")
+    @field_validator("threshold", "gpus_per_actor", mode="before")
     @classmethod
-    def _threshold_text(cls, value):
-        return str(value) if isinstance(value, float) else value  # YAML's `threshold: 0.2`
+    def _number_text(cls, value):
+        # YAML's `threshold: 0.2`, `gpus_per_actor: 1` (not a bool: YAML's `yes` is no number)
+        return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _gpus(cls, value):
+        if value != "auto":
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is neither a number nor 'auto'") from None
+            if not 0 <= number <= 64:
+                raise ValueError(f"{value!r} is out of range [0, 64]")
+        return value
 
     @field_validator("threshold")
     @classmethod

@@ -28,6 +28,14 @@ class Lesson3Result:
     submitted: bool
 
 
+def scoring_config(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path, **score_fields) -> ScoreConfig:
+    """How lesson3 scores the test set with the export it trained: into the run folder, on the cluster's GPUs
+    where it has them (gpus_per_actor auto), as a GPU-trained config expects."""
+    return ScoreConfig(model=str(run_dir / "export"), data=str(data_root), out=str(run_dir / "submission.csv"),
+                       overwrite=True, data_shared=train_cfg.data_shared, probs_out=str(run_dir / "probs.parquet"),
+                       **score_fields)
+
+
 def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | str,
                 submit_message: str | None = None, tracker: Tracker | None = None, **score_fields) -> Lesson3Result:
     """Train -> export -> score test-jpg + test-jpg-additional -> check -> (optionally) submit to Kaggle.
@@ -38,9 +46,7 @@ def run_lesson3(train_cfg: TrainConfig, data_root: Path | str, run_dir: Path | s
     from planet_batch.data.layout import find_layout
 
     run_dir = Path(run_dir)
-    score_cfg = ScoreConfig(model=str(run_dir / "export"), data=str(data_root), out=str(run_dir / "submission.csv"),
-                            overwrite=True, data_shared=train_cfg.data_shared,
-                            probs_out=str(run_dir / "probs.parquet"), **score_fields)
+    score_cfg = scoring_config(train_cfg, data_root, run_dir, **score_fields)
     layout = find_layout(data_root, need=("train", "test"))  # both halves exist before hours of training
     expected_images(score_cfg)  # and the sample submission against the test images, as scoring checks them
     export = train(train_cfg, data_root, run_dir, tracker)  # one model, or with folds: K the fold ensemble

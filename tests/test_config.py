@@ -102,8 +102,9 @@ def test_every_train_field_out_of_range_is_rejected_by_name(field, value):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("threshold", "1.5"), ("threshold", "high"), ("batch_size", 0), ("actors", -1), ("cpus_per_actor", 0.0),
-     ("gpus_per_actor", -1.0), ("torch_threads", -1), ("stall_timeout_s", -1.0)],
+    [("threshold", "1.5"), ("threshold", "high"), ("batch_size", -1), ("actors", -1), ("cpus_per_actor", 0.0),
+     ("gpus_per_actor", -1.0), ("gpus_per_actor", "many"), ("gpus_per_actor", True), ("torch_threads", -1),
+     ("stall_timeout_s", -1.0)],
 )
 def test_every_score_field_out_of_range_is_rejected_by_name(field, value):
     with pytest.raises(ConfigError, match=re.escape(field)):

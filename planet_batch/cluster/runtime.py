@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from planet_batch.errors import PlanetBatchError
@@ -167,7 +167,8 @@ class ProgressLine:
     def __str__(self) -> str:
         return f"{self.label}{self.done:,} of {self.total:,} {self.what}"
 
-    def update(self, n: int, detail: str = "") -> None:
+    def update(self, n: int, detail: str | Callable[[], str] = "") -> None:
+        """`n` more done; `detail` (or what it returns: made only when a line is printed) ends the line."""
         self.done += n
         now = time.perf_counter()
         if now - self.last >= self.every_s and self.done < self.total:
@@ -176,6 +177,7 @@ class ProgressLine:
                 return
             self.last = now
             left = int((self.total - self.done) / rate) if rate else 0
+            detail = detail() if callable(detail) else detail
             log.info("%s, %.1f/s, %d:%02d left%s", self, rate, left // 60, left % 60, f", {detail}" if detail else "")
 
 

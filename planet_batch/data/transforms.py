@@ -6,6 +6,7 @@ exactly the pixels it was trained on.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from dataclasses import dataclass
@@ -89,10 +90,16 @@ def decode_batch(batch: dict, size: int, keep_bad: bool = False) -> dict:
     return out
 
 
-def dihedral(image: np.ndarray, k: int) -> np.ndarray:
-    """The k-th of the 8 symmetries of the square (k in 0..7); works on (..., H, W, C)."""
-    out = np.rot90(image, k % 4, axes=(-3, -2))
-    return out[..., ::-1, :] if k >= 4 else out
+def dihedral(image, k: int):
+    """The k-th of the 8 symmetries of the square (k in 0..7) of (..., H, W, C) images: a numpy array (a view) or a
+    torch tensor (on its device: scoring's TTA turns a batch already uploaded)."""
+    if isinstance(image, np.ndarray):
+        out = np.rot90(image, k % 4, axes=(-3, -2))
+        return out[..., ::-1, :] if k >= 4 else out
+    import torch
+
+    out = torch.rot90(image, k % 4, dims=(-3, -2))
+    return torch.flip(out, dims=(-2,)) if k >= 4 else out
 
 
 def augment_batch(
@@ -147,6 +154,16 @@ def to_model_input(images, device, norm: Normalization):
 
     x = torch.as_tensor(images).to(device, non_blocking=True).permute(0, 3, 1, 2)
     x = x.float().contiguous(memory_format=torch.channels_last)
-    m = torch.tensor(norm.mean, device=x.device).view(1, 3, 1, 1) * 255
-    s = torch.tensor(norm.std, device=x.device).view(1, 3, 1, 1) * 255
+    m, s = _scale(norm, x.device)
     return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=32)
+def _scale(norm: Normalization, device):
+    """`norm`'s mean and std on 0-255 pixels, on `device`: made once, not uploaded with every batch (plain tensors
+    even when first asked for under inference mode: training uses them too)."""
+    import torch
+
+    with torch.inference_mode(False):
+        return (torch.tensor(norm.mean, device=device).view(1, 3, 1, 1) * 255,
+                torch.tensor(norm.std, device=device).view(1, 3, 1, 1) * 255)

@@ -9,3 +9,6 @@ from planet_batch.errors import PlanetBatchError
 
 class ScoreError(PlanetBatchError, RuntimeError):
     pass
+
+
+ID_COLUMN = "path"  # a scored row's id: its image's path (Ray Data's checkpoint id column, shards.py)

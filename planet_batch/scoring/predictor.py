@@ -16,8 +16,7 @@ from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import dihedral
 from planet_batch.export import EnsembleExport, ExportedModel, load_model, odd_member
 from planet_batch.model import compile_or_eager, inference, is_compiled, logits, resolve_precision
-from planet_batch.scoring import ScoreError
-from planet_batch.scoring.shards import ID_COLUMN
+from planet_batch.scoring import ID_COLUMN, ScoreError
 
 log = logging.getLogger("planet_batch.scoring.score")  # the scoring's console lines under one name
 
@@ -79,18 +78,22 @@ class Predictor:
 
     def __init__(self, ensemble: Ensemble, state_refs: list, threads: int, tta: bool, precision: str = "fp32",
                  compile: bool = False, batch_size: int = 64):
-        import ray
         import torch
 
         setup_logging()
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in actors
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.precision = resolve_precision(precision, self.device)  # on this actor's own hardware
-        self.models = [(m, m.build_from_state(ray.get(ref), self.device))
+        self.models = [(m, m.build_from_state(fetched(ref), self.device))
                        for m, ref in zip(ensemble.members, state_refs)]
+        if self.device.type == "cuda":  # the layout of to_model_input's batches: no conversion per layer
+            self.models = [(m, model.to(memory_format=torch.channels_last)) for m, model in self.models]
         # each member's outputs into TAGS order, the order of every column downstream
         self.orders = [torch.as_tensor(m.to_tags, device=self.device) for m in ensemble.members]
         self.batch_size, self.compiled = batch_size, False
+        # A GPU's batches go up from one pinned buffer, without waiting: a pageable copy would block the host.
+        self.pinned = torch.empty((batch_size, ensemble.size, ensemble.size, 3), dtype=torch.uint8).pin_memory() \
+            if self.device.type == "cuda" else None
         if compile:  # compiled now, on the one batch shape it will see (short batches are padded to it)
             example = torch.zeros(batch_size, 3, ensemble.size, ensemble.size, device=self.device)
             example = example.to(memory_format=torch.channels_last)
@@ -103,6 +106,17 @@ class Predictor:
         self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
         log.info("predictor: %s, %s, %s", self.device, self.precision, "compiled" if self.compiled else "eager")
 
+    def upload(self, images: np.ndarray):
+        """uint8 NHWC images on the actor's device: one copy (through the pinned buffer, not waited for, on a GPU)."""
+        import torch
+
+        x = torch.from_numpy(images)
+        if self.pinned is None:
+            return x
+        staged = self.pinned[:len(x)]
+        staged.copy_(x)
+        return staged.to(self.device, non_blocking=True)
+
     def __call__(self, batch: dict) -> dict:
         import torch
 
@@ -111,20 +125,30 @@ class Predictor:
         ok = batch["ok"]
         probs = np.zeros((len(ok), len(self.tags)), dtype=np.float32)
         if ok.any():
-            images = batch["image"][ok]
-            n = len(images)
+            x = self.upload(batch["image"] if ok.all() else batch["image"][ok])
+            n = len(x)
             if self.compiled and n < self.batch_size:  # one shape, no recompiling for the last batch
-                images = np.concatenate([images, np.zeros((self.batch_size - n, *images.shape[1:]), images.dtype)])
+                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             with inference(self.device, self.precision):
                 total = 0
-                for k in self.views:  # TTA: the same 8 dihedral views that training augments with
-                    view = np.ascontiguousarray(dihedral(images, k))
+                for k in self.views:  # TTA: the same 8 dihedral views that training augments with, on the device
+                    view = dihedral(x, k)
                     for (export, model), order in zip(self.models, self.orders):
                         out = logits(model, view, self.device, export.normalize)  # each member its own way
                         total = total + torch.sigmoid(out)[:, order]
-            probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()
+            probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()  # the batch's one wait
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
                 "error": batch["error"]}
+
+
+def fetched(state) -> dict:
+    """A member's weights: from the object store (a reference, in a Ray Data actor) or as given (bench/gpu_check.py
+    runs the actor without Ray)."""
+    if isinstance(state, dict):
+        return state
+    import ray
+
+    return ray.get(state)
 
 
 def predictor_memory(states: list[dict]) -> int:
@@ -137,30 +161,59 @@ def predictor_memory(states: list[dict]) -> int:
     return (1 << 30) + sum(2 * sum(t.nbytes for t in state.values()) for state in states[1:])
 
 
-# torch.compile pays back its compile time once an actor scores this many images. Measured on the 2-core EPYC,
-# one thread per actor, batch 64 @128: compiled bf16 saves 1.06 ms an image on resnet34 (87.4 -> 96.3 img/s) and
-# 0.23 ms on resnet18 (168.9 -> 175.7); compiling costs 8-12 s alone (24 s the first time in a process) but 29-34 s
+@dataclass(frozen=True)
+class CompilePayback:
+    """What torch.compile costs a scoring actor once, and what it saves on every image after."""
+
+    seconds: float  # the compile, as the pipeline sees it (wall time, other work beside it)
+    saved_per_image_s: float
+
+    def pays(self, images: float) -> bool:
+        return images * self.saved_per_image_s > self.seconds
+
+
+# Per device kind. CPU, measured on the 2-core EPYC, one thread per actor, batch 64 @128: compiled bf16 saves 1.06 ms
+# an image on resnet34 (87.4 -> 96.3 img/s; resnet18 0.23 ms, 168.9 -> 175.7); compiling costs 8-12 s alone but 29-34 s
 # of wall time in the pipeline, where both actors compile at once on the cores that also decode (8,000 images, two
-# runs: 123.3 and 127.1 img/s eager vs 88.6 and 82.3 compiled). So on this CPU compiling pays after ~30k images per
-# actor for resnet34 and hardly ever for resnet18; 50k keeps auto eager for the Kaggle test set on a multi-core CPU
-# and compiles for one GPU actor scoring it all (61,191 images), where the gain is not measured here (no GPU).
-COMPILE_MIN_IMAGES = 50_000
+# runs: 123.3 and 127.1 img/s eager vs 88.6 and 82.3 compiled): it pays after ~28k images an actor. GPU, not measured
+# here (no GPU lent yet; bench/gpu_check.py measures it): a cold Inductor compile of resnet34 takes tens of seconds
+# (60 s assumed), and the model alone scores about 12,000 chips/s at 256 px in bf16 on an H100 (timm's published
+# rates), 83 us an image, of which compiling saves at most a quarter: ~20 us. It pays after ~3 million images an actor,
+# so the 61,191 Kaggle images stay eager on a GPU.
+COMPILE_PAYBACK = {"cpu": CompilePayback(30.0, 1.06e-3), "cuda": CompilePayback(60.0, 20e-6)}
+# Images per predictor call when --batch-size is 0: a GPU needs larger batches to stay busy.
+DEFAULT_BATCH = {"cpu": 64, "cuda": 256}
+
+
+def actor_gpus(requested: str, resources: dict) -> float:
+    """GPUs per predictor actor: the number asked for; auto, 1 where the cluster has GPUs, else 0."""
+    if requested != "auto":
+        return float(requested)
+    return 1.0 if resources.get("GPU", 0.0) > 0 else 0.0
 
 
 @dataclass(frozen=True)
 class Mode:
-    """How the predictor actors run the model: what --precision and --compile resolved to."""
+    """How the predictor actors run: what --gpus-per-actor, --batch-size, --precision and --compile resolved to."""
 
+    gpus: float  # per actor
+    batch_size: int
     precision: str  # fp32 | bf16 ("auto" when GPU actors resolve it on their own GPUs)
     compile: bool
 
+    @property
+    def device_kind(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
 
-def actor_mode(cfg: ScoreConfig, images_per_actor: float) -> Mode:
+
+def actor_mode(cfg: ScoreConfig, gpus: float | None, images_per_actor: float) -> Mode:
+    """The actors' mode on `gpus` GPUs each (None: not known before Ray starts, with --gpus-per-actor auto)."""
     import torch
 
-    gpu = cfg.gpus_per_actor > 0
-    if gpu and cfg.precision == "auto" and not torch.cuda.is_available():
-        precision = "auto"  # the driver has no GPU to ask; each actor asks its own (and logs the answer)
+    kind = "cuda" if gpus else "cpu"
+    if cfg.precision == "auto" and (gpus is None or (gpus > 0 and not torch.cuda.is_available())):
+        precision = "auto"  # the driver cannot tell: each actor resolves it on its own hardware (and logs it)
     else:
-        precision = resolve_precision(cfg.precision, torch.device("cuda" if gpu else "cpu"))
-    return Mode(precision, cfg.compile == "on" or (cfg.compile == "auto" and images_per_actor >= COMPILE_MIN_IMAGES))
+        precision = resolve_precision(cfg.precision, torch.device(kind))
+    compile = cfg.compile == "on" or (cfg.compile == "auto" and COMPILE_PAYBACK[kind].pays(images_per_actor))
+    return Mode(gpus or 0.0, cfg.batch_size or DEFAULT_BATCH[kind], precision, compile)

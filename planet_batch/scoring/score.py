@@ -30,7 +30,15 @@ from planet_batch.data.submission import write_submission
 from planet_batch.data.transforms import decode_batch
 from planet_batch.scoring import ScoreError
 from planet_batch.scoring.assemble import Assembled, AssemblyError, assemble
-from planet_batch.scoring.predictor import Ensemble, Predictor, actor_mode, fingerprint, load_ensemble, predictor_memory
+from planet_batch.scoring.predictor import (
+    Ensemble,
+    Predictor,
+    actor_gpus,
+    actor_mode,
+    fingerprint,
+    load_ensemble,
+    predictor_memory,
+)
 from planet_batch.scoring.shards import WorkFolder
 from planet_batch.tracking import Run, Tracker, flat_params, tracked
 
@@ -128,7 +136,8 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
     inputs may not.
     """
     run = {"models": sorted(fingerprint(w) for w in weights), "size": ensemble.size, "tta": cfg.tta,
-           "precision": actor_mode(cfg, 0).precision, "tags": sorted(" ".join(m.tags) for m in ensemble.members),
+           "precision": actor_mode(cfg, None if cfg.gpus_per_actor == "auto" else float(cfg.gpus_per_actor),
+                                   0).precision, "tags": sorted(" ".join(m.tags) for m in ensemble.members),
            "inputs": sorted(str(f) for f in inputs.folders)}
     try:
         return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)
@@ -143,10 +152,11 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
     dataset and the actors' mode."""
     import ray
 
-    actor_options, room = elsewhere(placement, "GPU" if cfg.gpus_per_actor else "CPU")
-    actors = cfg.actors or default_actors(room, cfg.gpus_per_actor)
+    gpus = actor_gpus(cfg.gpus_per_actor, ray.cluster_resources())
+    actor_options, room = elsewhere(placement, "GPU" if gpus else "CPU")
+    actors = cfg.actors or default_actors(room, gpus)
     threads = cfg.torch_threads or max(1, (os.cpu_count() or 1) // actors)
-    mode = actor_mode(cfg, n_images / actors)
+    mode = actor_mode(cfg, gpus, n_images / actors)
     log.info("scoring %d images from %s with %s on %d actor(s), %d torch threads each, %s%s%s", n_images, where,
              ensemble, actors, threads, mode.precision, ", compiled" if mode.compile else "",
              ", TTA x8" if cfg.tta else "")
@@ -164,12 +174,12 @@ def scoring_pipeline(cfg: ScoreConfig, ensemble: Ensemble, states: list[dict], s
         Predictor,
         fn_constructor_kwargs={"ensemble": ensemble, "state_refs": [ray.put(s) for s in states], "threads": threads,
                                "tta": cfg.tta, "precision": mode.precision, "compile": mode.compile,
-                               "batch_size": cfg.batch_size},
-        batch_size=cfg.batch_size,
+                               "batch_size": mode.batch_size},
+        batch_size=mode.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cfg.cpus_per_actor,
-        num_gpus=cfg.gpus_per_actor,
+        num_gpus=gpus,
         memory=predictor_memory(states),
         # A dead actor is restarted and its batch retried (Ray Data's defaults, without a count: the
         # per-call max_restarts/max_task_retries are deprecated); a batch that keeps killing its actor

@@ -34,10 +34,10 @@ from ray.data.checkpoint.checkpoint_filter import IdColumnCheckpointManager
 
 from planet_batch.cluster.storage import Location, StorageError, locate
 from planet_batch.errors import PlanetBatchError, first_line
+from planet_batch.scoring import ID_COLUMN
 
 log = logging.getLogger(__name__)
 
-ID_COLUMN = "path"
 CREATED = ".created-by-planet-batch"  # in a work folder that scoring made (not one it was given)
 PENDING = ".pending.parquet"  # ray.data.checkpoint.checkpoint_writer.PENDING_CHECKPOINT_SUFFIX + ".parquet"
 

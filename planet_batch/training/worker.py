@@ -241,7 +241,7 @@ class Worker:
         shard = ray.train.get_dataset_shard(f"train_{size}")
         return started(shard.iter_torch_batches(
             batch_size=self.cfg.batch_size, drop_last=True, device=self.device, prefetch_batches=2,
-            local_shuffle_buffer_size=4 * self.cfg.batch_size))
+            local_shuffle_buffer_size=4 * self.cfg.batch_size, pin_memory=self.device.type == "cuda"))
 
     def run_epoch(self, pos: Position, batches: Iterator, after: Position) -> Iterator | None:
         """Train, validate, record, report, track; returns the next epoch's batches, already starting."""

@@ -92,6 +92,8 @@ def test_dihedral_gives_the_8_symmetries_of_the_square_on_images_and_batches():
     assert sorted(np.ascontiguousarray(dihedral(batch, k)).tobytes() for k in range(8)) == pillow
     for k in range(8):  # a batch is its images, each turned the same way
         np.testing.assert_array_equal(dihedral(batch, k), np.stack([dihedral(im, k) for im in batch]))
+    for k in range(8):  # a tensor on its device (scoring's TTA) turns the same way as the array
+        np.testing.assert_array_equal(dihedral(torch.from_numpy(batch), k).numpy(), dihedral(batch, k))
 
 
 def test_augment_keeps_shape_and_changes_pixels():
