@@ -11,7 +11,7 @@ import dataclasses
 import functools
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -49,6 +49,18 @@ Compile = Annotated[Literal["auto", "on", "off"], BeforeValidator(on_off)]
 
 class ConfigError(PlanetBatchError, ValueError):
     pass
+
+
+def number_or_word(value: str, word: str, within: Callable[[float], bool], bounds: str) -> str:
+    """A text field that holds a number within `bounds` or `word` (`threshold: tuned`, `gpus_per_actor: auto`)."""
+    if value != word:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"{value!r} is neither a number nor {word!r}") from None
+        if not within(number):
+            raise ValueError(f"{value!r} is out of range {bounds}")
+    return value
 
 
 def flag(
@@ -285,26 +297,12 @@ class ScoreConfig:
     @field_validator("gpus_per_actor")
     @classmethod
     def _gpus(cls, value):
-        if value != "auto":
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"{value!r} is neither a number nor 'auto'") from None
-            if not 0 <= number <= 64:
-                raise ValueError(f"{value!r} is out of range [0, 64]")
-        return value
+        return number_or_word(value, "auto", lambda x: 0 <= x <= 64, "[0, 64]")
 
     @field_validator("threshold")
     @classmethod
     def _threshold(cls, value):
-        if value != "tuned":
-            try:
-                number = float(value)
-            except ValueError:
-                raise ValueError(f"{value!r} is neither a number nor 'tuned'") from None
-            if not 0 < number < 1:
-                raise ValueError(f"{value!r} is out of range (0, 1)")
-        return value
+        return number_or_word(value, "tuned", lambda x: 0 < x < 1, "(0, 1)")
 
     @model_validator(mode="after")
     def _one_input(self):
