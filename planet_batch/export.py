@@ -155,9 +155,13 @@ def save_export(out_dir: Path | str, model_state: dict, meta: ExportMeta) -> Pat
     """RUN/export (model.pt, model.json) of `meta` (an ExportedModel's own: its model.json's fields alone)."""
     out = Path(out_dir)
     write_atomic(out / "model.pt", lambda p: torch.save(model_state, p))
-    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(meta.as_json(), indent=2,
-                                                                      default=dataclasses.asdict)))
+    _write_meta(out, meta.as_json())
     return out
+
+
+def _write_meta(out: Path, content: dict) -> None:
+    """model.json, atomically (dataclasses inside, as the normalisation, written as objects)."""
+    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(content, indent=2, default=dataclasses.asdict)))
 
 
 @dataclass(frozen=True)
@@ -181,7 +185,7 @@ def save_ensemble(out_dir: Path | str, members: list[str], *, threshold: float, 
     out = Path(out_dir)
     meta = EnsembleMeta(ENSEMBLE_FORMAT, EXPORT_VERSION, tuple(members), threshold, tuple(thresholds), config,
                         metrics, tracking_run)
-    write_atomic(out / "model.json", lambda p: p.write_text(json.dumps(dataclasses.asdict(meta), indent=2)))
+    _write_meta(out, dataclasses.asdict(meta))
     return out
 
 

@@ -185,10 +185,13 @@ COMPILE_PAYBACK = {"cpu": CompilePayback(30.0, 1.06e-3), "cuda": CompilePayback(
 DEFAULT_BATCH = {"cpu": 64, "cuda": 256}
 
 
-def actor_gpus(requested: str, resources: dict) -> float:
-    """GPUs per predictor actor: the number asked for; auto, 1 where the cluster has GPUs, else 0."""
+def actor_gpus(requested: str, resources: dict | None) -> float | None:
+    """GPUs per predictor actor: the number asked for; auto, 1 where the cluster has GPUs, else 0 (None while the
+    cluster's `resources` are not known: before Ray starts)."""
     if requested != "auto":
         return float(requested)
+    if resources is None:
+        return None
     return 1.0 if resources.get("GPU", 0.0) > 0 else 0.0
 
 
@@ -200,10 +203,6 @@ class Mode:
     batch_size: int
     precision: str  # fp32 | bf16 ("auto" when GPU actors resolve it on their own GPUs)
     compile: bool
-
-    @property
-    def device_kind(self) -> str:
-        return "cuda" if self.gpus > 0 else "cpu"
 
 
 def actor_mode(cfg: ScoreConfig, gpus: float | None, images_per_actor: float) -> Mode:

@@ -136,8 +136,8 @@ def open_work_folder(cfg: ScoreConfig, out: Location, ensemble: Ensemble, weight
     inputs may not.
     """
     run = {"models": sorted(fingerprint(w) for w in weights), "size": ensemble.size, "tta": cfg.tta,
-           "precision": actor_mode(cfg, None if cfg.gpus_per_actor == "auto" else float(cfg.gpus_per_actor),
-                                   0).precision, "tags": sorted(" ".join(m.tags) for m in ensemble.members),
+           "precision": actor_mode(cfg, actor_gpus(cfg.gpus_per_actor, None), 0).precision,
+           "tags": sorted(" ".join(m.tags) for m in ensemble.members),
            "inputs": sorted(str(f) for f in inputs.folders)}
     try:
         return WorkFolder.open(cfg.work_dir or out.with_name(out.name + ".parts"), run, cfg.overwrite)

@@ -115,6 +115,7 @@ def test_gpus_per_actor_auto_takes_the_clusters_gpus_and_a_number_as_given():
     assert actor_gpus("auto", {"CPU": 16.0, "GPU": 8.0}) == 1.0
     assert actor_gpus("auto", {"CPU": 2.0}) == 0.0 and actor_gpus("auto", {"CPU": 2.0, "GPU": 0.0}) == 0.0
     assert actor_gpus("0.5", {"CPU": 2.0, "GPU": 1.0}) == 0.5 and actor_gpus("0", {"GPU": 8.0}) == 0.0
+    assert actor_gpus("auto", None) is None and actor_gpus("1", None) == 1.0  # before Ray starts
     assert score_cfg().gpus_per_actor == "auto" and score_cfg(gpus_per_actor=1).gpus_per_actor == "1"
 
 
