@@ -102,7 +102,7 @@ def test_a_server_gone_mid_run_is_one_warning_and_the_job_finishes(demo_root, tm
     config, run, faults = tmp_path / "one.yaml", tmp_path / "run", tmp_path / "faults"
     config.write_text(json.dumps(ONE_WORKER))
     faults.mkdir()
-    point = "train:only:2:1:0"  # epoch 2, batch 1, rank 0
+    point = "train:only:2:report:0"  # before epoch 2's report, rank 0 (epochs 0 and 1 logged)
     fault_file(faults, point, "pause").touch()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS" and not k.startswith("MLFLOW_")}
     job = subprocess.Popen([sys.executable, "jobs/train.py", "--config", str(config), "--data", str(demo_root),

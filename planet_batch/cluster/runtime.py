@@ -234,9 +234,10 @@ def maybe_inject_fault(point: str) -> None:
 
     Tests set PLANET_BATCH_FAULT_DIR before Ray starts (so every worker inherits it) and
     arm a point by creating POINT.arm (a kill), POINT.hang (this process stops there, until it is killed) or
-    POINT.pause (it waits there until the test deletes POINT.paused); the first process to reach it renames
-    the file to POINT.fired, POINT.hanging or POINT.paused (atomic, so exactly one is hit), and the retry or
-    rerun passes. Outside tests the variable is unset and this is one lookup.
+    POINT.pause (it waits there until the test deletes POINT.paused, and is killed there when the test armed
+    the point again meanwhile); the first process to reach it renames the file to POINT.fired, POINT.hanging or
+    POINT.paused (atomic, so exactly one is hit), and the retry or rerun passes. Outside tests the variable is
+    unset and this is one lookup.
     """
     fault_dir = os.environ.get(FAULT_DIR_ENV)
     if not fault_dir:
@@ -252,3 +253,4 @@ def maybe_inject_fault(point: str) -> None:
         log.warning("fault injection: pid %d %s at %s", os.getpid(), "hangs" if armed == "hang" else "pauses", point)
         while armed == "hang" or fault_file(fault_dir, point, hit).exists():
             time.sleep(0.2)
+        return maybe_inject_fault(point)

@@ -1,7 +1,7 @@
 """Inside each Ray Train worker: the config's stages as fastai's `fit_one_cycle` calls, one epoch at a time.
 
 `train_loop` is Ray Train's `train_loop_per_worker`; `Worker` runs one step a method (resume, build, begin a
-stage, train, validate, record, report, track) from Ray's latest checkpoint if there is one. Workers only report
+stage, train, validate, record, track, report) from Ray's latest checkpoint if there is one. Workers only report
 metrics and checkpoints; the driver (train.py) writes the run folder from what Ray kept.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from planet_batch.cluster.runtime import ProgressLine, setup_logging
+from planet_batch.cluster.runtime import ProgressLine, maybe_inject_fault, setup_logging
 from planet_batch.config import TrainConfig, to_dict
 from planet_batch.data.labels import TAGS
 from planet_batch.data.transforms import Normalization
@@ -52,31 +52,53 @@ from planet_batch.training.steps import (
 log = logging.getLogger("planet_batch.training.train")  # one logger for the run's console lines (docs/console.md)
 
 
-def save_and_report(metrics: dict, state: TrainState | None, local_dir: str | None) -> None:
-    """Report the epoch to Ray Train (rank 0 with the checkpoint), then wait until Ray has registered it.
+class Reports:
+    """A worker's epoch reports to Ray Train; rank 0's carries the checkpoint, uploaded in the background
+    (`CheckpointUploadMode.ASYNC`) while the next epoch trains.
 
-    Ray Train registers a checkpoint once every worker's report of that epoch is in, which its
-    controller collects every 2 s. Without the wait, a worker that died soon after its report
-    could take the report with it and the restart resumed an epoch earlier; with it, a restart
-    always resumes from the last epoch every worker finished (the cost: about 1 s per epoch).
-    """
-    import ray.train
+    Ray Train registers a checkpoint once its upload is done and every worker's report of that epoch is in (its
+    controller collects reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S). A worker lost before that would take
+    its report with it. So each worker waits for the registration (`registered`), but one epoch late: just before
+    its next report, when the upload and the poll are long over, and at the run's last epoch. Waiting at once
+    would stall every rank each epoch for the copy to storage (S3: the whole model and optimiser state). The
+    price: a worker lost in the seconds between an epoch's end and its registration resumes from the epoch
+    before. Rank 0 logs an epoch to MLflow only once registered (`Worker.track`), so either way each epoch is in
+    metrics.csv and MLflow once.
 
-    if state is None:
-        ray.train.report(metrics)
-    elif local_dir:  # local mode keeps a reference to the folder instead of copying it to storage
-        d = Path(local_dir) / f"checkpoint_{metrics['step']:06d}"
-        d.mkdir(parents=True, exist_ok=True)
-        state.save(d)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        with tempfile.TemporaryDirectory() as d:
+    Local mode (`local_dir`) keeps a reference to a folder of its own instead of uploading, and has no other
+    worker to wait for."""
+
+    def __init__(self, local_dir: str | None):
+        self.local_dir = local_dir
+        self.pending = False  # a report Ray may not have registered yet
+
+    def report(self, metrics: dict, state: TrainState | None) -> None:
+        import ray.train
+
+        checkpoint = None
+        if state is not None:  # local mode's folder is kept; a temporary one is Ray's to delete once uploaded
+            d = Path(self.local_dir) / f"checkpoint_{metrics['step']:06d}" if self.local_dir else \
+                Path(tempfile.mkdtemp(prefix="planet-batch-checkpoint-"))
+            d.mkdir(parents=True, exist_ok=True)
             state.save(d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    if not local_dir:
+            checkpoint = ray.train.Checkpoint.from_directory(str(d))
+        if self.local_dir:
+            ray.train.report(metrics, checkpoint=checkpoint)
+        else:
+            ray.train.report(metrics, checkpoint=checkpoint,
+                             checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC)
+            self.pending = True
+
+    def registered(self) -> None:
+        """Wait until Ray Train has registered every report so far (at once when it has)."""
+        import ray.train
+
+        if not self.pending:
+            return
         t0 = time.perf_counter()
         ray.train.get_all_reported_checkpoints()
-        log.debug("epoch %d: Ray registered the report after %.2f s", metrics["epoch"], time.perf_counter() - t0)
+        self.pending = False
+        log.debug("Ray registered the last report after %.2f s", time.perf_counter() - t0)
 
 
 def restore(rank: int, fold: str = "") -> TrainState | None:
@@ -155,6 +177,7 @@ class Worker:
         self.history = History()
         self.kept: dict[str, dict] = {}  # final weights of the stages a later stage starts from
         self.prefetcher = ThreadPoolExecutor(1, thread_name_prefix="next-epoch")
+        self.reports = Reports(plan.local_checkpoints)
         self.raw = self.model = self.setup = None
         self.compiled = False
 
@@ -244,7 +267,7 @@ class Worker:
             local_shuffle_buffer_size=4 * self.cfg.batch_size, pin_memory=self.device.type == "cuda"))
 
     def run_epoch(self, pos: Position, batches: Iterator, after: Position) -> Iterator | None:
-        """Train, validate, record, report, track; returns the next epoch's batches, already starting."""
+        """Train, validate, record, track, report; returns the next epoch's batches, already starting."""
         t0 = time.perf_counter()
         losses, wait = self.train(pos, batches)
         train_seconds = time.perf_counter() - t0
@@ -254,8 +277,13 @@ class Worker:
             if after.stage < len(self.cfg.stages) else None
         result = self.validate(pos, losses, EpochShare.of_training(losses, train_seconds, wait), t0)
         self.record(pos, result)
+        self.reports.registered()  # the previous epoch's report, registered while this one trained
+        self.track()
+        # tests' fault point: a worker lost here, past the registration, resumes from the previous epoch, always
+        maybe_inject_fault(f"train:{self.cfg.stages[pos.stage].name}:{pos.epoch}:report:{self.rank}")
         self.report(pos, result)
-        self.track(pos)
+        if after.stage == len(self.cfg.stages):
+            self.reports.registered()  # the run's last: the driver exports from it
         return upcoming
 
     def train(self, pos: Position, batches: Iterator) -> tuple[list[float], float]:
@@ -303,16 +331,14 @@ class Worker:
                                result.probs if stage_end else None, result.targets if stage_end else None)
         step = len(self.history.epochs)  # one global step across stages
         lost = {"tracking_lost": int(self.plan.tracking.lost)} if self.rank == 0 and self.plan.tracking else {}
-        save_and_report(result.metrics | {"step": step, "stage_end": int(stage_end)} | lost, state,
-                        self.plan.local_checkpoints)
+        self.reports.report(result.metrics | {"step": step, "stage_end": int(stage_end)} | lost, state)
 
-    def track(self, pos: Position) -> None:
-        """Rank 0: the epochs into the MLflow run, once Ray holds this one's checkpoint (so a restart never repeats
-        a logged epoch). The run's last epoch is the driver's to log: every attempt here is followed by a report
-        that tells the driver whether the server was lost (one warning per job)."""
-        last = Position(len(self.cfg.stages) - 1, self.cfg.stages[-1].epochs - 1)
-        if self.rank == 0 and self.plan.tracking and pos != last:
-            self.plan.tracking.log_epochs(self.history.epochs)
+    def track(self) -> None:
+        """Rank 0: the epochs Ray holds the checkpoint of into the MLflow run, so that a restart never repeats a
+        logged epoch: all but this one. The run's last epoch is the driver's to log; each attempt here is followed
+        by a report that tells the driver whether the server was lost (one warning per job)."""
+        if self.rank == 0 and self.plan.tracking:
+            self.plan.tracking.log_epochs(self.history.epochs[:-1])
 
 
 def train_loop(config: dict) -> None:

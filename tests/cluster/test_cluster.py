@@ -192,7 +192,7 @@ def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_
     command = (f"python jobs/train.py --config jobs/configs/demo.yaml --data {data} --out {run} --set arch=resnet18 "
                f"--set weights=none --set 'stages={stages}' --set batch_size=16 --set precision=fp32 "
                "--storage s3://planet/ray-train")
-    fault_file(faults, "train:s2:1:1:0", "hang").touch()  # stage s2, epoch 1, batch 1, rank 0
+    fault_file(faults, "train:s2:1:report:0", "hang").touch()  # stage s2, before epoch 1's report, rank 0
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()
     with s3_server(tmp_path) as s3_env:
@@ -200,7 +200,7 @@ def test_training_resumes_mid_stage_on_a_new_cluster_from_checkpoints_on_s3(tmp_
         env = {**s3_env, FAULT_DIR_ENV: str(faults)}
         with two_node_cluster(tmp_path / "first", env=env, worker_node=False) as c:
             submit(client(c), command)
-            wait_for(fault_file(faults, "train:s2:1:1:0", "hanging").exists, 300, "the second epoch of s2")
+            wait_for(fault_file(faults, "train:s2:1:report:0", "hanging").exists, 300, "the second epoch of s2")
             stop(c["head"])
         assert not (run / "export").exists()
         on_s3 = s3fs(s3_env).get_file_info(pafs.FileSelector("planet/ray-train", recursive=True))

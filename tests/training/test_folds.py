@@ -55,7 +55,7 @@ def folded(ray_local, demo_root, tmp_path_factory, mlflow_server):
     import ray
     from ray._private import state
 
-    point = "train:s:1:1:0"  # stage s, epoch 1, batch 1, rank 0: the first fold to get there
+    point = "train:s:1:report:0"  # stage s, before epoch 1's report, rank 0: the first fold to get there
     fault_file(ray_local, point).touch()
     run = tmp_path_factory.mktemp("folds") / "run"
     tracker = connect(TrackingConfig(tracking=mlflow_server.uri, experiment="folds"))

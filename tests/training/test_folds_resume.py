@@ -32,7 +32,7 @@ def test_an_interrupted_k_fold_run_keeps_its_finished_fold_and_resumes_the_other
     stages = [{**STAGES[0], "epochs": 3}]
     config.write_text(json.dumps({**to_dict(cfg()), "stages": stages}))
     faults.mkdir()
-    fault_file(faults, "train:s:1:0:0", "hang").touch()  # the first fold to reach epoch 1 stops there
+    fault_file(faults, "train:s:1:report:0", "hang").touch()  # the first fold to reach epoch 1's report stops there
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {FAULT_DIR_ENV: str(faults)}
     argv = [sys.executable, "jobs/train.py", "--config", str(config), "--data", str(demo_root), "--out", str(run),
             "--folds", "3", "--parallel-folds", "2"]

@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 
 import pytest
@@ -112,3 +113,45 @@ def test_a_checkpoint_of_the_last_epoch_leaves_nothing_to_train(caplog):
         start, _ = resumed(saved)
     assert start == Position(3, 0) and worker.schedule(STAGES, start) == []
     assert "nothing left to train" in caplog.records[-1].getMessage()
+
+
+@pytest.fixture
+def ray_calls(monkeypatch):
+    """Ray Train's report and registration wait replaced by a log of the calls (what each report carried)."""
+    calls = []
+
+    def report(metrics, checkpoint=None, **kwargs):
+        folder = checkpoint.path if checkpoint else None
+        loaded = worker.TrainState.load(folder) if folder else None
+        calls.append(("report", metrics["step"], folder, loaded, kwargs.get("checkpoint_upload_mode")))
+
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train, "get_all_reported_checkpoints", lambda: calls.append(("wait",)) or [])
+    return calls
+
+
+def test_rank_0_uploads_its_checkpoint_in_the_background_and_waits_for_it_before_the_next_report(ray_calls):
+    reports = worker.Reports(None)
+    reports.registered()  # nothing reported yet: nothing to wait for
+    saved = state()
+    reports.report({"step": 1}, saved)
+    (call,) = ray_calls
+    _, step, folder, loaded, mode = call
+    assert mode == ray.train.CheckpointUploadMode.ASYNC  # the next epoch trains while it uploads
+    assert "planet-batch-checkpoint-" in folder  # a temporary folder, Ray's to delete once uploaded
+    assert loaded.done == saved.done and loaded.history == saved.history  # the whole state, on disk already
+    shutil.rmtree(folder)  # as Ray does after the upload
+    reports.registered()
+    reports.registered()  # once per report
+    reports.report({"step": 2}, None)  # another rank's report: no checkpoint, still one to wait for
+    reports.registered()
+    assert [c[0] for c in ray_calls] == ["report", "wait", "report", "wait"]
+    assert ray_calls[2][2] is None
+
+
+def test_local_mode_keeps_its_own_checkpoint_folders_and_has_nothing_to_wait_for(ray_calls, tmp_path):
+    reports = worker.Reports(str(tmp_path))
+    reports.report({"step": 3}, state())
+    reports.registered()
+    (call,) = ray_calls
+    assert call[2] == str(tmp_path / "checkpoint_000003") and call[3] is not None and call[4] is None
