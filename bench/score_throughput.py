@@ -28,7 +28,7 @@ import torch
 
 from planet_batch.cluster.runtime import setup_logging
 from planet_batch.config import ScoreConfig
-from planet_batch.data.demo_data import render, sample_tag_sets
+from planet_batch.data.demo_data import render, sample_tag_sets, save_chip
 from planet_batch.data.labels import TAGS, decode
 from planet_batch.data.submission import write_submission
 from planet_batch.data.transforms import decode_image, to_model_input
@@ -42,7 +42,7 @@ def make_images(folder: Path, n: int) -> list[Path]:
     protos = []
     for i, tags in enumerate(sample_tag_sets(64, rng)):
         p = folder / f"proto_{i}.jpg"
-        render(tags, rng).convert("CMYK").save(p, quality=90)  # 4-component, as the real chips are
+        save_chip(render(tags, rng), p)
         protos.append(p)
     paths = [folder / f"test_{i}.jpg" for i in range(n)]
     for i, p in enumerate(paths):

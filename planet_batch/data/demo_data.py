@@ -169,6 +169,12 @@ def render(tags: Sequence[str], rng: np.random.Generator) -> Image.Image:
     return _weather(img, tags, rng)
 
 
+def save_chip(img: Image.Image, path: Path | str) -> None:
+    """A chip as Planet ships them: a 4-component (CMYK) JPEG, whose RGB is Pillow's `convert("RGB")`. They decode
+    slower than 3-component ones, and GPU JPEG decoders do not take them by default."""
+    img.convert("CMYK").save(path, quality=90)
+
+
 def write_demo_data(
     out: Path | str, n_train: int = 1000, n_test: int = 300, n_additional: int = 150, seed: int = 0
 ) -> Path:
@@ -181,7 +187,7 @@ def write_demo_data(
         (out / sub).mkdir(parents=True, exist_ok=True)
 
     def save(tags, path):
-        render(tags, rng).save(path, quality=90)
+        save_chip(render(tags, rng), path)
 
     rows = []
     for i, tags in enumerate(train_tags):
