@@ -118,6 +118,13 @@ def cmd_train(args) -> None:
           + (f"out-of-fold predictions: {args.out}/oof.parquet\n" if cfg.folds else "") + f"export: {export}")
 
 
+def cmd_tune(args) -> None:
+    from planet_batch.training.tune import load_space, run_search
+
+    best = run_search(train_config(args), load_space(args.space), args.data, args.out, tracker(args))
+    print(f"search folder: {args.out}\nresults: {args.out}/results.csv\nbest config: {best}")
+
+
 def cmd_lr_find(args) -> None:
     from planet_batch.training.lr_find import run_lr_find
 
@@ -232,6 +239,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="run folder (metrics.csv, losses.png, stages/, export/)")
     add_config_flags(s, TrackingConfig, skip=("log_submission",))
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("tune", help="Ray Tune over a search space around the config's stages, each trial a Ray "
+                       "Train run; the results table and the best config")
+    add_train_options(s)
+    s.add_argument("--space", required=True, help="search space YAML, e.g. jobs/configs/search-lite.yaml")
+    s.add_argument("--out", required=True, help="search folder (trials/, results.csv, best.yaml)")
+    add_config_flags(s, TrackingConfig, skip=("log_submission",))
+    s.set_defaults(func=cmd_tune)
 
     s = sub.add_parser("lr-find", help="LR range test for the config's first stage")
     add_train_options(s)

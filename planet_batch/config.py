@@ -19,7 +19,7 @@ import pydantic
 import yaml
 from pydantic import BeforeValidator, ConfigDict, Field, Strict, field_validator, model_validator
 
-from planet_batch.errors import PlanetBatchError
+from planet_batch.errors import PlanetBatchError, first_line
 
 T = TypeVar("T")
 TORCHVISION_ARCHS = ("resnet18", "resnet34", "resnet50")
@@ -375,18 +375,23 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
     return data
 
 
+def read_yaml(path: Path | str) -> Any:
+    """A YAML file's data; a file that cannot be read or parsed is one ConfigError line."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML: {getattr(e, 'problem', None) or first_line(e)}{where}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+
+
 def load_config(
     cls: type[T], path: Path | str | None, overrides: Sequence[str] = (), values: dict[str, Any] | None = None
 ) -> T:
     """The YAML file at `path`, then `KEY=VALUE` overrides (parsed as YAML), then typed `values` (CLI flags)."""
-    data: dict = {}
-    if path is not None:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    data = (read_yaml(path) or {}) if path is not None else {}
     try:
         return from_dict(cls, {**apply_overrides(data, overrides), **(values or {})})
     except ConfigError as e:

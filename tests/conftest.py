@@ -97,6 +97,7 @@ def no_ray(monkeypatch):
     import planet_batch.scoring.score as scoring
     import planet_batch.training.folds as folds
     import planet_batch.training.train as train
+    import planet_batch.training.tune as tune
 
-    for module in (scoring, train, folds):
+    for module in (scoring, train, folds, tune):
         monkeypatch.setattr(module, "ensure_ray", lambda: pytest.fail("Ray was started for a job that cannot run"))

@@ -124,3 +124,14 @@ def test_precision_and_compile_take_their_words_and_yaml_on_off(tmp_path):
             from_dict(ScoreConfig, {**score, field: value})
         with pytest.raises(ConfigError, match=re.escape(field)):
             load_config(TrainConfig, p, [f"{field}={value}"])
+
+
+def test_a_config_file_that_is_not_yaml_or_cannot_be_read_is_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("arch: resnet18\nstages: [\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(TrainConfig, bad)
+    assert str(e.value) == (f"{bad}: not valid YAML: expected the node content, but found '<stream end>' "
+                            "(line 3, column 1)")
+    with pytest.raises(ConfigError, match=r"missing.yaml: cannot read config: No such file or directory$"):
+        load_config(TrainConfig, tmp_path / "missing.yaml")

@@ -38,7 +38,7 @@ from planet_batch.training.run_folder import (
     same_run,
     write_metrics,
 )
-from planet_batch.training.train import open_run, run_training, skip_unreadable
+from planet_batch.training.train import SubRun, open_run, run_training, skip_unreadable
 
 if TYPE_CHECKING:
     from planet_batch.training.job import TrainJob
@@ -57,24 +57,6 @@ class Fold:
     @property
     def name(self) -> str:
         return f"fold-{self.index}"
-
-
-@dataclass(frozen=True)
-class FoldRun:
-    """What one fold's run (train.run_training) takes from the K-fold job: the fold, the job's MLflow run its own
-    nests under, and how many folds' worker groups train side by side (they share the data node's room)."""
-
-    fold: Fold
-    parent: Run | None = None
-    side_by_side: int = 1
-
-    @property
-    def name(self) -> str:
-        return self.fold.name
-
-    @property
-    def split(self) -> tuple[Split, Split]:
-        return self.fold.train, self.fold.held_out
 
 
 @dataclass(frozen=True)
@@ -129,9 +111,10 @@ def finished_export(fold_dir: Path, cfg: TrainConfig) -> ExportedModel | None:
     return export if not cfg.overwrite and same_run(earlier, cfg) is None else None
 
 
-def train_fold(job: TrainJob, run: FoldRun) -> FoldResult:
-    """One fold's run folder RUN/fold-i (kept when an earlier run finished it) and its out-of-fold predictions."""
-    fold, cfg = run.fold, job.cfg
+def train_fold(job: TrainJob, fold: Fold, parent: Run | None, side_by_side: int) -> FoldResult:
+    """One fold's run folder RUN/fold-i (kept when an earlier run finished it) and its out-of-fold predictions;
+    `parent`: the K-fold job's MLflow run; `side_by_side`: how many folds train at once."""
+    cfg = job.cfg
     fold_job = replace(job, out=job.out / fold.name)
     t0 = time.perf_counter()
     export = finished_export(fold_job.out, cfg)
@@ -139,7 +122,8 @@ def train_fold(job: TrainJob, run: FoldRun) -> FoldResult:
         log.info("%s: finished by an earlier run, export kept: %s", fold.name, fold_job.out / "export")
         seconds = 0.0
     else:
-        export = load_export(run_training(fold_job, run))
+        part = SubRun(fold.name, parent, (fold.train, fold.held_out), side_by_side)
+        export = load_export(run_training(fold_job, part))
         seconds = time.perf_counter() - t0
     return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
 
@@ -183,7 +167,7 @@ def train_folds(job: TrainJob, folds: list[Fold], parent: Run | None) -> Path:
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)
     # stays on this machine, and Ray schedules the folds' worker groups side by side.
     pool = ThreadPoolExecutor(parallel, thread_name_prefix="fold")
-    futures = [pool.submit(train_fold, job, FoldRun(f, parent, parallel)) for f in folds]
+    futures = [pool.submit(train_fold, job, f, parent, parallel) for f in folds]
     try:
         errors = [f.exception() for f in futures]
     except KeyboardInterrupt:

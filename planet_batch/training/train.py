@@ -50,7 +50,6 @@ from planet_batch.training.steps import fold_prefix
 from planet_batch.training.worker import WorkerPlan, train_loop
 
 if TYPE_CHECKING:
-    from planet_batch.training.folds import FoldRun
     from planet_batch.training.job import TrainJob
 
 log = logging.getLogger(__name__)
@@ -118,19 +117,32 @@ class RunImages:
     workers_at: list[dict[str, str]] | None
 
 
+@dataclass(frozen=True)
+class SubRun:
+    """One Ray Train run of a bigger job: a K-fold job's fold (folds.py) or a search's trial (tune.py)."""
+
+    name: str  # what starts its console lines (`fold-2: ...`), as the runs' lines interleave
+    parent: Run | None = None  # the job's MLflow run, which this run's nests under
+    split: tuple[Split, Split] | None = None  # its training and validation images; None: the config's split
+    side_by_side: int = 1  # how many runs' worker groups train at once (they share the data node's room)
+    callbacks: tuple = ()  # Ray Train callbacks: a trial's reports to Ray Tune
+
+
 REPORT_POLL_S = 0.25
 
 
-def fit_run(cfg: TrainConfig, run_dir: Path, init: dict, images: RunImages, fold: str = "",
+def fit_run(cfg: TrainConfig, run_dir: Path, init: dict, images: RunImages, part: SubRun | None = None,
             tracking: Run | None = None):
     """Every stage of `cfg` in one Ray Train run (resumed from its latest checkpoint when it exists); Ray's result.
 
     Every epoch reports a checkpoint; the last epoch of each stage is kept (its weights are `stages/NAME.pt`)
-    with the latest one, which Ray Train always keeps and resumes from. `fold`: a K-fold run's fold, for its
-    console lines; `tracking`: the MLflow run rank 0 logs epochs into."""
+    with the latest one, which Ray Train always keeps and resumes from. `part`: a fold's or a trial's run, for
+    its console lines and its callbacks; `tracking`: the MLflow run rank 0 logs epochs into."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    fold = part.name if part else ""
 
     # Ray Train's controller collects the workers' reports every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default),
     # and the run's last epoch waits until its report is registered (worker.Reports): on the default that cost
@@ -163,6 +175,7 @@ def fit_run(cfg: TrainConfig, run_dir: Path, init: dict, images: RunImages, fold
         run_config=RunConfig(
             name=name,
             storage_path=storage,
+            callbacks=list(part.callbacks) if part else None,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             # Ranked by `stage_end` (1 at a stage's last epoch), ties by recency: every stage's last checkpoint and
             # the newest others stay, at least the latest and the one before it (worker.restore falls back to it).
@@ -249,36 +262,38 @@ def finish_run(run: Run | None, run_dir: Path, history: History, export: Path, l
     run.finish()
 
 
-def run_training(job: TrainJob, fold: FoldRun | None = None) -> Path:
+def run_training(job: TrainJob, part: SubRun | None = None) -> Path:
     """Train every stage of the job's config in one Ray Train run into its run folder; returns the export folder.
     The same command on the same run folder resumes an interrupted run from its latest checkpoint, and its
-    MLflow run. `fold`: one fold of a K-fold job (folds.py): its images (by default the config's seeded
-    valid_pct split), its name in the console lines, its parent MLflow run, the worker groups beside it.
+    MLflow run. `part`: one fold of a K-fold job (folds.py) or one trial of a search (tune.py): its images (by
+    default the config's seeded valid_pct split), its name in the console lines, its parent MLflow run, the
+    worker groups beside it, its callbacks.
     """
     cfg, run_dir, data = job.cfg, job.out, job.data
-    train, valid = fold.split if fold else train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels: here
-    name = fold.name if fold else ""
+    split = part.split if part and part.split else None
+    train, valid = split or train_valid_split(data, cfg.valid_pct, cfg.seed)  # bad labels: here
+    name = part.name if part else ""
     check_batches(cfg, len(train))
     check_start_files(cfg)
     claim_run_folder(run_dir, cfg)
     weights = initial_state(cfg)
-    with tracked(open_run(job, fold.parent if fold else None)) as run:
+    with tracked(open_run(job, part.parent if part else None)) as run:
         ensure_ray()
         if not cfg.autoscale:
             check_capacity(cfg.workers, cfg.cpus_per_worker, cfg.gpu)
         quiet_data_progress()
         reads = read_placement(data, cfg.data_shared)
         mark_run_folder(run_dir)
-        if fold is None:  # (K folds check every image once, for all their folds)
+        if split is None:  # (K folds check every image once, for all their folds)
             bad = skip_unreadable([train, valid], cfg, run_dir, reads)
             train, valid = train.without(bad), valid.without(bad)
             check_batches(cfg, len(train))
         workers_at = beside_reads(reads, cfg.workers, cfg.cpus_per_worker, cfg.gpu,
-                                  fold.side_by_side if fold else 1, cfg.autoscale)
+                                  part.side_by_side if part else 1, cfg.autoscale)
         save_config(cfg, run_dir / "config.yaml")
         log.info("%straining %s on %d images (%d held out) with %d worker(s); run folder %s",
                  fold_prefix(name), cfg.arch, len(train), len(valid), cfg.workers, run_dir)
-        result = fit_run(cfg, run_dir, weights, RunImages(train, valid, reads, workers_at), name, run)
+        result = fit_run(cfg, run_dir, weights, RunImages(train, valid, reads, workers_at), part, run)
         if run is not None and result.metrics.get("tracking_lost"):
             run.lost = True  # rank 0 warned: the job goes on without the server
         final = write_run_folder(run_dir, cfg, result)
