@@ -2,12 +2,19 @@
 by side, ASHA stopping a bad one, a killed driver's search going on, the table, the best config, MLflow)."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from snapshots import refused
 
-from planet_batch.config import ConfigError, TrainConfig, from_dict, load_config
+from planet_batch.config import ConfigError, TrainConfig, from_dict, load_config, to_dict
 from planet_batch.training.tune import SearchSpace, check_space, param_space, trial_config
 
 STAGES = [{"name": "a", "size": 32, "epochs": 2, "frozen": True, "lr": 0.01},
@@ -80,3 +87,83 @@ def test_a_bad_search_space_is_one_line_exit_2_before_ray(demo_root, tmp_path, c
                    "--out", tmp_path / "search", *[a for s in TINY[:-1] for a in ("--set", s)])
     assert message in line, line
     assert not (tmp_path / "search").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A search on a real local Ray, as a user runs it: killed once, then the same command again
+
+# Three trials, two at a time on 2 CPUs (each one worker of half a CPU beside Ray Data's). The third's validation
+# F2 is near 0 by construction (threshold 0.99: it predicts almost no tag), so ASHA stops it at its first rung.
+SEARCH = {"trials": 1, "grace_epochs": 1, "space": {"threshold": {"grid": [0.2, 0.3, 0.99]}}}
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tune_cli(config: Path, space: Path, data: Path, out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "jobs/tune.py", "--config", str(config), "--space", str(space),
+                             "--data", str(data), "--out", str(out), "--experiment", "search"], cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+@pytest.fixture(scope="module")
+def searched(demo_root, tmp_path_factory, mlflow_server):
+    """The search's driver killed once its first trial has finished, then the same command again."""
+    tmp = tmp_path_factory.mktemp("tune")
+    config, space, out = tmp / "base.yaml", tmp / "space.yaml", tmp / "search"
+    config.write_text(yaml.safe_dump(to_dict(base())))
+    space.write_text(yaml.safe_dump(SEARCH))
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
+    first = tune_cli(config, space, demo_root, out, env)
+    deadline = time.monotonic() + 300
+    while not list(out.glob("trials/*/export/model.json")):
+        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read()[-3000:]
+        time.sleep(0.5)
+    (finished,) = out.glob("trials/*/export/model.json")
+    kept = finished.stat().st_mtime_ns
+    os.killpg(first.pid, signal.SIGKILL)
+    first.communicate(timeout=60)
+    again = tune_cli(config, space, demo_root, out, env)
+    console = again.communicate(timeout=600)[0]
+    assert again.returncode == 0, console[-3000:]
+    return {"out": out, "console": console, "finished": finished, "kept": kept, "server": mlflow_server}
+
+
+def test_a_search_ranks_its_trials_and_asha_stops_the_bad_one(searched):
+    table = pd.read_csv(searched["out"] / "results.csv")
+    assert sorted(table["trial"]) == ["trial-00", "trial-01", "trial-02"]
+    by_threshold = table.set_index("threshold")
+    assert list(by_threshold.loc[[0.2, 0.3], "status"]) == ["finished", "finished"]
+    assert by_threshold.loc[0.99, "status"] == "stopped" and by_threshold.loc[0.99, "epochs"] < 4
+    assert by_threshold.loc[0.99, "best_fbeta"] < by_threshold.loc[[0.2, 0.3], "best_fbeta"].min()
+    assert table.iloc[0]["status"] == "finished"  # best first
+    assert "search: 3 trials" in searched["console"] and "best first" in searched["console"]
+
+
+def test_the_best_config_is_one_train_runs_as_is(searched):
+    from planet_batch.cli import build_parser, train_config
+
+    best = searched["out"] / "best.yaml"
+    table = pd.read_csv(searched["out"] / "results.csv")
+    cfg = train_config(build_parser().parse_args(["train", "--config", str(best), "--data", "d", "--out", "o"]))
+    assert cfg == trial_config(base(), {"threshold": float(table.iloc[0]["threshold"])})
+    trial = searched["out"] / "trials" / table.iloc[0]["trial"]
+    assert load_config(TrainConfig, trial / "config.yaml") == cfg
+
+
+def test_a_killed_search_goes_on_without_repeating_a_finished_trial(searched):
+    assert searched["finished"].stat().st_mtime_ns == searched["kept"]
+    assert "resuming the search" in searched["console"]
+    for trial in ("trial-00", "trial-01"):
+        assert pd.read_csv(searched["out"] / "trials" / trial / "metrics.csv")["epoch"].tolist() == [0, 1, 0, 1]
+
+
+def test_every_trial_is_a_run_nested_in_the_searchs(searched):
+    server = searched["server"]
+    runs = server.runs("search")
+    (parent,) = [r for r in runs if r.data.tags.get("planet_batch.job") == "tune"]
+    trials = [r for r in runs if r is not parent]
+    assert len(trials) == 3 and {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED"
+    best = pd.read_csv(searched["out"] / "results.csv").iloc[0]
+    assert parent.data.metrics["best_fbeta"] == pytest.approx(best["best_fbeta"])
+    assert server.artifacts(parent.info.run_id) == ["best.yaml", "results.csv", "space.yaml"]
