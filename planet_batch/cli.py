@@ -199,10 +199,15 @@ def console_log_rules() -> None:
     Ray folds lines that look alike once every word with a digit is dropped (its log deduplication):
     the epoch table rows of folds trained side by side would be folded into "[repeated 3x across
     cluster]", so lines of our loggers are never folded. The raylet's warning that more worker processes
-    started at once than it expected is dropped: K folds starting their worker groups together trigger it.
+    started at once than it expected is dropped: K folds starting their worker groups together trigger it. So
+    is Ray Train's error line about its PreemptionWatcher actor's arguments, which every Ray Train run started
+    from a Ray Tune trial prints (Ray 2.60), about restarts that actor does not need, and its warning that a
+    controller is dead, which follows every trial that ASHA stops.
     """
     os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"planet_batch\.")
-    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", r"PYTHON worker processes have been started on node")
+    os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", r"PYTHON worker processes have been started on node|"
+                          r"Actor with class name: 'PreemptionWatcher'|"
+                          r"Detected that the Ray Train controller actor .* is dead")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,19 +20,26 @@ from planet_batch.training.metrics import accuracy_thresh, fbeta
 
 
 def fold_prefix(fold: str, sep: str = ":") -> str:
-    """What starts a K-fold run's console lines (`fold-2: ...`), as their folds' lines interleave."""
+    """What starts the console lines of a K-fold job's fold or a search's trial (`fold-2: ...`), as they
+    interleave."""
     return f"{fold}{sep} " if fold else ""
 
 
 def format_row(m: dict, fold: str = "") -> str:
     secs = int(round(m["time"]))
-    return (f"{fold:<8}" if fold else "") + (f"{m['epoch']:<6d}{m['train_loss']:<12.6f}{m['valid_loss']:<12.6f}"
+    return first_column(fold, fold) + (f"{m['epoch']:<6d}{m['train_loss']:<12.6f}{m['valid_loss']:<12.6f}"
             f"{m['accuracy_thresh']:<17.6f}{m['fbeta']:<10.6f}{secs // 60:02d}:{secs % 60:02d}")
 
 
 def table_header(fold: str = "") -> str:
-    """fastai's epoch table; K-fold runs name the fold in a first column, as their folds' lines interleave."""
-    return (f"{'fold':<8}" if fold else "") + TABLE_HEADER
+    """fastai's epoch table; the runs of a K-fold job or a search name their run (`fold-2`, `trial-03`) in a first
+    column, as their lines interleave."""
+    return first_column(fold.split("-")[0], fold) + TABLE_HEADER
+
+
+def first_column(text: str, fold: str) -> str:
+    """The run's column of the table: as wide as its name and a space, at least 8."""
+    return f"{text:<{max(8, len(fold) + 1)}}" if fold else ""
 
 
 TABLE_HEADER = f"{'epoch':<6}{'train_loss':<12}{'valid_loss':<12}{'accuracy_thresh':<17}{'fbeta':<10}time"

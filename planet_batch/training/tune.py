@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +43,13 @@ from planet_batch.config import (
 from planet_batch.tracking import Run, Tracker, flat_params, tracked
 from planet_batch.training.folds import finished_export
 from planet_batch.training.run_folder import check_run_folder, mark_run_folder
-from planet_batch.training.train import SubRun, run_training
+from planet_batch.training.train import SubRun, TrainError, run_training
+from planet_batch.training.worker import run_seconds
 
 log = logging.getLogger("planet_batch.training.train")  # the run's console lines (docs/console.md)
 
 DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
 METRIC = "fbeta"  # validation F2 at the config's threshold, every epoch
-RESULT_COLUMNS = ("trial", "status", "epochs", "fbeta", "best_fbeta", "time")
 
 
 @config_model
@@ -62,6 +63,11 @@ class SearchSpace:
     grace_epochs: Int = flag(2, help="ASHA: epochs every trial trains before it can be stopped", ge=1, le=1000)
     reduction_factor: Int = flag(2, help="ASHA: one trial in this many goes on at each rung", ge=2, le=100)
     seed: Int = flag(0, help="seed of the draws")
+
+    @property
+    def count(self) -> int:
+        """Trials in all: each draw runs every combination of the grids."""
+        return self.trials * math.prod(len(d["grid"]) for d in self.space.values() if "grid" in d)
 
 
 def _set(data: dict, path: str, value: Any) -> None:
@@ -198,7 +204,8 @@ def run_trial(values: dict, search: Search) -> None:
     done = finished_export(job.out, cfg)
     if done is not None:  # finished before the driver was lost, after Tune last saved the search's state
         log.info("%s: finished by an earlier run, export kept: %s", name, job.out / "export")
-        tune.report(done.metrics | {"step": sum(st.epochs for st in cfg.stages)})
+        epochs = pd.read_csv(job.out / "metrics.csv").to_dict("records")
+        tune.report(epochs[-1] | {"step": len(epochs), "epoch_seconds": run_seconds(epochs)})
         return
     run_training(job, SubRun(name, search.parent, None, search.side_by_side, (TuneReportCallback(),)))
 
@@ -225,6 +232,9 @@ def tuner(search: Search, concurrent: int):
     here = {"cpu": 0, "custom_resources": {f"node:{ray.util.get_node_ip_address()}": 0.001}}
     trainable = tune.with_resources(tune.with_parameters(run_trial, search=search), here)
     storage = str(search.out / "tune")
+    # The console is the trials' epoch tables and the results table: Tune's own output engine prints its
+    # experiment box and paths even when silent (`verbose=0`), the older one does not.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     if tune.Tuner.can_restore(f"{storage}/search"):
         log.info("resuming the search in %s: finished trials are kept, unfinished ones resume", search.out)
         return tune.Tuner.restore(f"{storage}/search", trainable, resume_unfinished=True, resume_errored=True)
@@ -232,34 +242,33 @@ def tuner(search: Search, concurrent: int):
         trainable,
         param_space=param_space(search.space),
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", num_samples=search.space.trials, max_concurrent_trials=concurrent,
+            metric=METRIC, mode="max", num_samples=search.space.trials,
             # ASHA on the epochs every trial reports (`step`, which a resumed trial goes on counting)
             scheduler=ASHAScheduler(time_attr="step", grace_period=search.space.grace_epochs,
                                     reduction_factor=search.space.reduction_factor, max_t=10**6),
-            search_alg=tune.search.BasicVariantGenerator(random_state=search.space.seed),
+            # (its own limit: Tune ignores max_concurrent_trials beside a search algorithm given as an instance)
+            search_alg=tune.search.BasicVariantGenerator(random_state=search.space.seed, max_concurrent=concurrent),
             trial_name_creator=trial_name, trial_dirname_creator=trial_name),
         run_config=tune.RunConfig(name="search", storage_path=storage, verbose=0),
     )
 
 
 def results_table(search: Search, grid) -> pd.DataFrame:
-    """One row per trial: its drawn values, whether it finished or ASHA stopped it, its epochs, its last and best
-    validation F2 and its time."""
+    """One row per trial from its last report (Tune keeps it across a restore): whether it finished or ASHA
+    stopped it, its epochs, its last validation F2, the seconds of its epochs, and its drawn values. The
+    finished recipes first, by their final F2 (what the best config trains to); then the stopped ones."""
     rows = []
     for result in grid:
         name = trial_name_of(result)
-        history = result.metrics_dataframe
+        last = result.metrics or {}
         finished = (search.trial_dir(name) / "export" / "model.json").is_file()
-        status = "error" if result.error else "finished" if finished else "stopped"
-        row = {"trial": name, "status": status,
-               "epochs": int(history["step"].max()) if history is not None and len(history) else 0,
-               "fbeta": (result.metrics or {}).get(METRIC, math.nan),
-               "best_fbeta": float(history[METRIC].max()) if history is not None and len(history) else math.nan,
-               "time": round(float(history["time_total_s"].max()), 1) if history is not None and len(history)
-               else 0.0}
-        rows.append(row | {k: str(v) for k, v in result.config.items()})
-    table = pd.DataFrame(rows).sort_values("best_fbeta", ascending=False, na_position="last")
-    return table.reset_index(drop=True)
+        rows.append({"trial": name, "status": "error" if result.error else "finished" if finished else "stopped",
+                     "epochs": int(last.get("step", 0)), METRIC: last.get(METRIC, math.nan),
+                     "seconds": last.get("epoch_seconds", math.nan)} | {k: str(v) for k, v in result.config.items()})
+    table = pd.DataFrame(rows)
+    order = table.assign(_finished=table["status"] == "finished").sort_values(
+        ["_finished", METRIC], ascending=False, na_position="last")
+    return table.loc[order.index].reset_index(drop=True)
 
 
 def trial_name_of(result) -> str:
@@ -279,25 +288,25 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
                           keep_in=mark(out)) if tracker else None
     with tracked(parent):
         ensure_ray()
-        concurrent = space.concurrent or trials_that_fit(cfg, space.trials)
+        concurrent = space.concurrent or trials_that_fit(cfg, space.count)
         search = Search(cfg, space, search.data, out, tracker, parent, concurrent)
         mark_run_folder(out)
         save_config(cfg, out / "config.yaml")
         write_atomic(out / "space.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(space), sort_keys=False)))
-        log.info("search of %d trials, %d at a time, over %s; search folder %s", space.trials, concurrent,
+        log.info("search of %d trials, %d at a time, over %s; search folder %s", space.count, concurrent,
                  ", ".join(space.space), out)
         t0 = time.perf_counter()
         grid = tuner(search, concurrent).fit()
         table = results_table(search, grid)
         write_atomic(out / "results.csv", lambda p: table.to_csv(p, index=False))
-        best = table[table["status"] != "error"].iloc[0] if (table["status"] != "error").any() else None
-        if best is None:
-            raise ConfigError(f"every trial of the search failed; see {out / 'trials'}")
+        if not (table["status"] == "finished").any():
+            raise TrainError(f"no trial of the search finished; see {out / 'results.csv'} and {out / 'trials'}")
+        best = table.iloc[0]
         best_cfg = trial_config(cfg, next(r.config for r in grid if trial_name_of(r) == best["trial"]))
         best_yaml = save_config(best_cfg, out / "best.yaml")
         print_table(table, time.perf_counter() - t0)
         if parent is not None:
-            parent.log_metrics({"best_fbeta": float(best["best_fbeta"])})
+            parent.log_metrics({"best_fbeta": float(best[METRIC])})
             parent.set_tags({"best_trial": best["trial"]})
             parent.log_artifacts([out / "results.csv", best_yaml, out / "space.yaml"])
             parent.finish()
@@ -310,7 +319,6 @@ def mark(out: Path) -> Path:
 
 
 def print_table(table: pd.DataFrame, seconds: float) -> None:
-    shown = table.drop(columns=[c for c in table.columns if c not in RESULT_COLUMNS and not c.startswith(
-        ("arch", "stages", "batch", "dropout", "weight"))])
+    shown = table.assign(seconds=table["seconds"].round())
     log.info("search: %d trials in %.0f s, best first\n%s", len(table), seconds,
              shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

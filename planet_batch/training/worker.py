@@ -101,6 +101,11 @@ class Reports:
         log.debug("Ray registered the last report after %.2f s", time.perf_counter() - t0)
 
 
+def run_seconds(epochs: list[dict]) -> float:
+    """The seconds of a run's epochs (training and validation), without its start-up."""
+    return round(sum(e["time"] for e in epochs), 1)
+
+
 def restore(rank: int, fold: str = "") -> TrainState | None:
     """The state to resume from: Ray Train's latest checkpoint, or when that one cannot be read (a disk that filled,
     a partial upload), the newest of the others Ray kept that can (it keeps each stage's end and at least the
@@ -252,9 +257,12 @@ class Worker:
             self.setup.optimizer.load_state_dict(saved.optimizer)
             self.setup.scheduler.load_state_dict(saved.scheduler)
         if self.rank == 0:
-            log.info("%sstage %s: %s, size %d, lr %s, %s\n%s", fold_prefix(self.fold), stage.name,
-                     "frozen" if stage.frozen else "unfrozen", stage.size, stage.lr,
-                     "compiled" if self.compiled else "eager", table_header(self.fold))
+            line = (f"{fold_prefix(self.fold)}stage {stage.name}: {'frozen' if stage.frozen else 'unfrozen'}, "
+                    f"size {stage.size}, lr {stage.lr}, {'compiled' if self.compiled else 'eager'}")
+            # A fold's or a trial's table header is a line of its own, with the logger's name: Ray folds alike
+            # lines of runs side by side unless they carry it (cli.console_log_rules).
+            for text in ([line, table_header(self.fold)] if self.fold else [f"{line}\n{table_header()}"]):
+                log.info("%s", text)
 
     def start_epoch(self, stage_index: int) -> Iterator:
         """The stage's training batches for one epoch, their pipeline already started."""
@@ -329,9 +337,11 @@ class Worker:
             state = TrainState(self.raw.state_dict(), self.setup.optimizer.state_dict(),
                                self.setup.scheduler.state_dict(), pos, self.history, self.kept, to_dict(self.cfg),
                                result.probs if stage_end else None, result.targets if stage_end else None)
-        step = len(self.history.epochs)  # one global step across stages
+        # One global step across stages, and the seconds of every epoch so far (a search's table: tune.py)
+        run = {"step": len(self.history.epochs), "stage_end": int(stage_end),
+               "epoch_seconds": run_seconds(self.history.epochs)}
         lost = {"tracking_lost": int(self.plan.tracking.lost)} if self.rank == 0 and self.plan.tracking else {}
-        self.reports.report(result.metrics | {"step": step, "stage_end": int(stage_end)} | lost, state)
+        self.reports.report(result.metrics | run | lost, state)
 
     def track(self) -> None:
         """Rank 0: the epochs Ray holds the checkpoint of into the MLflow run, so that a restart never repeats a
