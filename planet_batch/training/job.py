@@ -5,6 +5,7 @@
         worker.train_loop         on every worker: the config's stages, epoch by epoch (Worker), checkpoints
         run_folder                back in the driver: stages/, metrics.csv, losses.png, export/ from the checkpoints
       folds.run_folds           with `folds: K`: K run_training side by side, out-of-fold thresholds, the ensemble
+    tune.run_search             `planet-batch tune`: Ray Tune trials, each run_training of a drawn config
 """
 
 from __future__ import annotations
