@@ -195,6 +195,18 @@ def worker_room(cpus: float, cpus_per_worker: float) -> int:
     return max(0, int((cpus - DATA_CPUS) / cpus_per_worker + 1e-9))  # (1e-9: 0.3 * 3 < 0.9)
 
 
+def runs_that_fit(workers: int, cpus_per_worker: float, gpu: bool, most: int) -> int:
+    """How many runs' worker groups (K folds, a search's trials) the cluster holds at once, leaving DATA_CPUS to
+    Ray Data's decode tasks as `check_capacity` does for one run; at least 1, at most `most`."""
+    import ray
+
+    res = ray.cluster_resources()
+    fit = worker_room(res.get("CPU", 0.0), cpus_per_worker) // max(1, workers)
+    if gpu:
+        fit = min(fit, int(res.get("GPU", 0.0) // max(1, workers)))
+    return max(1, min(most, fit))
+
+
 def check_capacity(workers: int, cpus_per_worker: float, gpu: bool) -> None:
     """Fail before training when the workers cannot all be placed, or would leave Ray Data less than DATA_CPUS."""
     import ray

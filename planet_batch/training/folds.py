@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from planet_batch.cluster.runtime import check_capacity, ensure_ray, worker_room
+from planet_batch.cluster.runtime import check_capacity, ensure_ray, runs_that_fit
 from planet_batch.cluster.storage import Location, read_placement, write_atomic
 from planet_batch.config import ConfigError, TrainConfig, from_dict, to_dict
 from planet_batch.data.datasets import Split, labelled_split, load_labelled_batch
@@ -75,18 +75,6 @@ def make_folds(data: Location, k: int, seed: int) -> list[Fold]:
     parts = fold_indices(every.names, k, seed)
     return [Fold(i, every.part(np.concatenate([p for j, p in enumerate(parts) if j != i])), every.part(held))
             for i, held in enumerate(parts)]
-
-
-def folds_that_fit(cfg: TrainConfig) -> int:
-    """How many folds' worker groups the cluster holds at once, leaving DATA_CPUS to Ray Data's decode tasks
-    (as `check_capacity` does for one run)."""
-    import ray
-
-    res = ray.cluster_resources()
-    fit = worker_room(res.get("CPU", 0.0), cfg.cpus_per_worker) // cfg.workers
-    if cfg.gpu:
-        fit = min(fit, int(res.get("GPU", 0.0) // cfg.workers))
-    return max(1, min(cfg.folds, fit))
 
 
 def predict(export: ExportedModel, split: Split, precision: str, batch_size: int = 64) -> np.ndarray:
@@ -161,7 +149,7 @@ def train_folds(job: TrainJob, folds: list[Fold], parent: Run | None) -> Path:
     folds = [Fold(f.index, f.train.without(bad), f.held_out.without(bad)) for f in folds]
     # Local mode (workers 0) trains inside this process, where Ray Train's context is one per process.
     parallel = 1 if cfg.workers == 0 else min(cfg.parallel_folds, cfg.folds) if cfg.parallel_folds \
-        else folds_that_fit(cfg)
+        else runs_that_fit(cfg.workers, cfg.cpus_per_worker, cfg.gpu, cfg.folds)
     log.info("%d folds of %d labelled images (%d held out each), %d at a time; run folder %s", cfg.folds,
              sum(len(f.held_out) for f in folds), len(folds[0].held_out), parallel, run_dir)
     # Threads, as Ray Tune runs trainers: each fold's driver side (its Ray Train controller, its run folder)

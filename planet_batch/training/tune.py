@@ -27,7 +27,7 @@ from typing import Any, Literal
 import pandas as pd
 import yaml
 
-from planet_batch.cluster.runtime import ensure_ray, worker_room
+from planet_batch.cluster.runtime import ensure_ray, runs_that_fit
 from planet_batch.cluster.storage import Location, locate, write_atomic
 from planet_batch.config import (
     ConfigError,
@@ -210,17 +210,6 @@ def run_trial(values: dict, search: Search) -> None:
     run_training(job, SubRun(name, search.parent, None, search.side_by_side, (TuneReportCallback(),)))
 
 
-def trials_that_fit(cfg: TrainConfig, most: int) -> int:
-    """How many trials' worker groups the cluster holds at once (as folds.folds_that_fit)."""
-    import ray
-
-    res = ray.cluster_resources()
-    fit = worker_room(res.get("CPU", 0.0), cfg.cpus_per_worker) // max(1, cfg.workers)
-    if cfg.gpu:
-        fit = min(fit, int(res.get("GPU", 0.0) // max(1, cfg.workers)))
-    return max(1, min(most, fit))
-
-
 def tuner(search: Search, concurrent: int):
     """A new Tuner, or the one of a search this folder holds (a killed driver's): the same command goes on."""
     import ray
@@ -288,7 +277,7 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
                           keep_in=mark(out)) if tracker else None
     with tracked(parent):
         ensure_ray()
-        concurrent = space.concurrent or trials_that_fit(cfg, space.count)
+        concurrent = space.concurrent or runs_that_fit(cfg.workers, cfg.cpus_per_worker, cfg.gpu, space.count)
         search = Search(cfg, space, search.data, out, tracker, parent, concurrent)
         mark_run_folder(out)
         save_config(cfg, out / "config.yaml")
