@@ -175,6 +175,9 @@ class TrainConfig:
     threshold: Float = flag(0.2, group=MODEL, help="probability threshold of the F2 in the epoch table", gt=0, lt=1)
     weight_decay: Float = flag(1e-2, group=MODEL, help="AdamW weight decay", ge=0, le=1)
     dropout: Float = flag(0.5, group=MODEL, help="dropout of the head", ge=0, lt=1)
+    valid_tta: Bool = flag(False, group=MODEL, help="validate on the mean of the 8 flips and quarter turns, as score "
+                           "--tta predicts: the epoch table's F2 and the tuned thresholds are a TTA submission's "
+                           "(validation takes 8x as long)")
     workers: Int = flag(2, group=RAY, help="Ray Train workers; 0 runs everything in the driver", ge=0, le=4096)
     cpus_per_worker: Float = flag(1.0, group=RAY, help="CPUs per worker (the rest of the cluster decodes)", gt=0,
                                   lt=1024)

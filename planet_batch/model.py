@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from planet_batch.config import TORCHVISION_ARCHS
-from planet_batch.data.transforms import Normalization, to_model_input
+from planet_batch.data.transforms import Normalization, dihedral, to_model_input
 from planet_batch.errors import first_line
 from planet_batch.weights import (
     WeightsError,
@@ -219,14 +219,27 @@ def logits(model: nn.Module, images, device: torch.device, norm: Normalization) 
     return model(to_model_input(images, device, norm)).float()
 
 
+TTA_VIEWS = range(8)  # the 8 dihedral views training augments with (flips and quarter turns)
+
+
+def mean_probs(model: nn.Module, images, device: torch.device, norm: Normalization,
+               views: Iterable[int] = TTA_VIEWS) -> torch.Tensor:
+    """The model's sigmoid probabilities averaged over dihedral `views` of a batch: test-time augmentation, as
+    scoring's `--tta` and validation's `valid_tta` predict."""
+    views, x = list(views), torch.as_tensor(images)  # (views of a tensor: numpy's have negative strides)
+    return sum(torch.sigmoid(logits(model, dihedral(x, k), device, norm)) for k in views) / len(views)
+
+
 def predict_batches(model: nn.Module, batches: Iterable[dict], device: torch.device, norm: Normalization,
-                    precision: str | None) -> Iterator[tuple[dict, torch.Tensor]]:
+                    precision: str | None, tta: bool = False) -> Iterator[tuple[dict, torch.Tensor]]:
     """Each batch (its "image" uint8 HWC) with the model's logits, the model in eval mode under `inference`; the
-    caller reads each pair inside that context."""
+    caller reads each pair inside that context. With `tta`, the logits of the mean probability of the 8 views."""
     model.eval()
     with inference(device, precision):
         for batch in batches:
-            yield batch, logits(model, batch["image"], device, norm)
+            images = batch["image"]
+            yield batch, (torch.logit(mean_probs(model, images, device, norm), eps=1e-6) if tta
+                          else logits(model, images, device, norm))
 
 
 def is_compiled(model: nn.Module) -> bool:

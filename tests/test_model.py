@@ -4,6 +4,7 @@ import torch
 import torchvision
 from torch import nn
 
+from planet_batch.data.transforms import to_model_input
 from planet_batch.model import (
     build_model,
     compile_or_eager,
@@ -11,9 +12,11 @@ from planet_batch.model import (
     group_lrs,
     inference,
     layer_groups,
+    mean_probs,
     normalization,
     one_cycle,
     param_groups,
+    predict_batches,
     resolve_precision,
     set_frozen,
     training_setup,
@@ -186,3 +189,29 @@ def test_bf16_inference_stays_close_to_fp32():
         bf16 = torch.sigmoid(model(x).float())
     assert fp32.dtype == bf16.dtype == torch.float32
     assert 0 < (fp32 - bf16).abs().max() < 0.05  # bf16 really ran (8 bits of mantissa), and stayed near
+
+
+class Corner(nn.Module):
+    """Logits that depend on where the image is bright: each of the 8 dihedral views gives other logits."""
+
+    def forward(self, x):
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, 0, -1], x[:, 1, -1, 0], x[:, 2, -1, -1]], 1)
+
+
+@pytest.mark.parametrize("as_array", [True, False])
+def test_tta_predicts_the_mean_probability_of_the_eight_views(as_array):
+    from planet_batch.data.transforms import Normalization, dihedral
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    device = torch.device("cpu")
+    batch = {"image": images if as_array else torch.from_numpy(images)}  # (OOF rows: arrays; validation: tensors)
+    expected = np.mean([torch.sigmoid(Corner()(to_model_input(np.ascontiguousarray(dihedral(images, k)), device,
+                                                              norm))).numpy() for k in range(8)], axis=0)
+    ((_, plain),) = predict_batches(Corner(), [batch], device, norm, "fp32")
+    ((_, tta),) = predict_batches(Corner(), [batch], device, norm, "fp32", tta=True)
+    assert np.allclose(torch.sigmoid(tta).numpy(), expected, atol=1e-5)
+    assert not np.allclose(torch.sigmoid(plain).numpy(), expected, atol=1e-3)  # the views differ
+    assert np.allclose(mean_probs(Corner(), batch["image"], device, norm, [0]).numpy(),
+                       torch.sigmoid(plain).numpy())

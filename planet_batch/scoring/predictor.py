@@ -13,9 +13,8 @@ import numpy as np
 from planet_batch.cluster.runtime import maybe_inject_fault, setup_logging
 from planet_batch.config import ScoreConfig
 from planet_batch.data.labels import TAGS
-from planet_batch.data.transforms import dihedral
 from planet_batch.export import EnsembleExport, ExportedModel, load_model, odd_member
-from planet_batch.model import compile_or_eager, inference, is_compiled, logits, resolve_precision
+from planet_batch.model import TTA_VIEWS, compile_or_eager, inference, is_compiled, mean_probs, resolve_precision
 from planet_batch.scoring import ID_COLUMN, ScoreError
 
 log = logging.getLogger("planet_batch.scoring.score")  # the scoring's console lines under one name
@@ -103,7 +102,7 @@ class Predictor:
 
             self.models = [(m, compile_or_eager(model, warm_up)) for m, model in self.models]
             self.compiled = all(is_compiled(model) for _, model in self.models)
-        self.tags, self.views, self.batches = ensemble.tags, range(8) if tta else range(1), 0
+        self.tags, self.views, self.batches = ensemble.tags, TTA_VIEWS if tta else range(1), 0
         log.info("predictor: %s, %s, %s", self.device, self.precision, "compiled" if self.compiled else "eager")
 
     def upload(self, images: np.ndarray):
@@ -129,14 +128,11 @@ class Predictor:
             n = len(x)
             if self.compiled and n < self.batch_size:  # one shape, no recompiling for the last batch
                 x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            # TTA's views turned on the device; each member normalised its own way
             with inference(self.device, self.precision):
-                total = 0
-                for k in self.views:  # TTA: the same 8 dihedral views that training augments with, on the device
-                    view = dihedral(x, k)
-                    for (export, model), order in zip(self.models, self.orders):
-                        out = logits(model, view, self.device, export.normalize)  # each member its own way
-                        total = total + torch.sigmoid(out)[:, order]
-            probs[ok] = (total / (len(self.views) * len(self.models)))[:n].cpu().numpy()  # the batch's one wait
+                total = sum(mean_probs(model, x, self.device, export.normalize, self.views)[:, order]
+                            for (export, model), order in zip(self.models, self.orders))
+            probs[ok] = (total / len(self.models))[:n].cpu().numpy()  # the batch's one wait
         return {ID_COLUMN: batch["path"], "image_name": batch["name"], **dict(zip(self.tags, probs.T)), "ok": ok,
                 "error": batch["error"]}
 

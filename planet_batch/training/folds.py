@@ -77,15 +77,16 @@ def make_folds(data: Location, k: int, seed: int) -> list[Fold]:
             for i, held in enumerate(parts)]
 
 
-def predict(export: ExportedModel, split: Split, precision: str, batch_size: int = 64) -> np.ndarray:
+def predict(export: ExportedModel, split: Split, precision: str, batch_size: int = 64, tta: bool = False
+            ) -> np.ndarray:
     """The export's probabilities for `split`'s images in TAGS order, as `planet-batch score` computes them (the
-    same decoder and forward pass, model.predict_batches, without TTA)."""
+    same decoder and forward pass, model.predict_batches; with `tta` as `score --tta`)."""
     device = torch.device("cpu")
     batches = (load_labelled_batch({"path": split.paths[i:i + batch_size], "target": split.targets[i:i + batch_size]},
                                    export.size, augment=False, fs=split.fs) for i in range(0, len(split), batch_size))
     probs = [torch.sigmoid(out)[:, export.to_tags].numpy() for _, out in
              predict_batches(export.build(device), batches, device, export.normalize,
-                             resolve_precision(precision, device))]
+                             resolve_precision(precision, device), tta)]
     return np.concatenate(probs) if probs else np.zeros((0, len(export.tags)), np.float32)
 
 
@@ -113,7 +114,9 @@ def train_fold(job: TrainJob, fold: Fold, parent: Run | None, side_by_side: int)
         part = SubRun(fold.name, parent, (fold.train, fold.held_out), side_by_side)
         export = load_export(run_training(fold_job, part))
         seconds = time.perf_counter() - t0
-    return FoldResult(fold, export, predict(export, fold.held_out, cfg.precision, cfg.batch_size), seconds)
+    # (with valid_tta the out-of-fold rows, and so the ensemble's thresholds, are a TTA submission's)
+    probs = predict(export, fold.held_out, cfg.precision, cfg.batch_size, cfg.valid_tta)
+    return FoldResult(fold, export, probs, seconds)
 
 
 def run_folds(job: TrainJob) -> Path:

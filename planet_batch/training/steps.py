@@ -75,11 +75,12 @@ def gather(share: EpochShare) -> list[EpochShare]:
 
 
 def evaluate(model: nn.Module, shard, batch_size: int, device, norm: Normalization,
-             precision: str | None = None) -> tuple[np.ndarray, np.ndarray, float]:
-    """Sigmoid probabilities, targets and summed per-image BCE over one validation shard."""
+             precision: str | None = None, tta: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+    """Sigmoid probabilities, targets and summed per-image BCE over one validation shard (with `tta`: of the mean
+    probability of the 8 views)."""
     probs, targets, loss_sum = [], [], torch.zeros((), device=device)
     batches = shard.iter_torch_batches(batch_size=batch_size, device=device, pin_memory=device.type == "cuda")
-    for batch, out in predict_batches(model, batches, device, norm, precision):
+    for batch, out in predict_batches(model, batches, device, norm, precision, tta):
         y = batch["target"].float()
         loss_sum += nn.functional.binary_cross_entropy_with_logits(out, y, reduction="none").mean(1).sum()
         probs.append(torch.sigmoid(out).cpu().numpy())

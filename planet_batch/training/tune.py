@@ -204,10 +204,15 @@ def run_trial(values: dict, search: Search) -> None:
     done = finished_export(job.out, cfg)
     if done is not None:  # finished before the driver was lost, after Tune last saved the search's state
         log.info("%s: finished by an earlier run, export kept: %s", name, job.out / "export")
-        epochs = pd.read_csv(job.out / "metrics.csv").to_dict("records")
-        tune.report(epochs[-1] | {"step": len(epochs), "epoch_seconds": run_seconds(epochs)})
+        tune.report(last_report(job.out))
         return
     run_training(job, SubRun(name, search.parent, None, search.side_by_side, (TuneReportCallback(),)))
+
+
+def last_report(run_dir: Path) -> dict:
+    """A finished trial's last epoch as its run folder keeps it, in the form of its reports to Tune."""
+    epochs = pd.read_csv(run_dir / "metrics.csv").to_dict("records")
+    return epochs[-1] | {"step": len(epochs), "epoch_seconds": run_seconds(epochs)}
 
 
 def tuner(search: Search, concurrent: int):
@@ -243,17 +248,20 @@ def tuner(search: Search, concurrent: int):
 
 
 def results_table(search: Search, grid) -> pd.DataFrame:
-    """One row per trial from its last report (Tune keeps it across a restore): whether it finished or ASHA
-    stopped it, its epochs, its last validation F2, the seconds of its epochs, and its drawn values. The
-    finished recipes first, by their final F2 (what the best config trains to); then the stopped ones."""
+    """One row per trial: whether it finished or ASHA stopped it, its epochs, its last validation F2, the seconds
+    of its epochs, and its drawn values; a finished trial's from its run folder's metrics.csv, a stopped one's from
+    its last report to Tune (Tune keeps it across a restore, but may miss the report of a run's very last epoch).
+    The finished recipes first, by their final F2 (what the best config trains to); then the stopped ones."""
     rows = []
     for result in grid:
         name = trial_name_of(result)
-        last = result.metrics or {}
-        finished = (search.trial_dir(name) / "export" / "model.json").is_file()
-        rows.append({"trial": name, "status": "error" if result.error else "finished" if finished else "stopped",
-                     "epochs": int(last.get("step", 0)), METRIC: last.get(METRIC, math.nan),
-                     "seconds": last.get("epoch_seconds", math.nan)} | {k: str(v) for k, v in result.config.items()})
+        folder = search.trial_dir(name)
+        finished = (folder / "export" / "model.json").is_file()
+        last = last_report(folder) if finished else result.metrics or {}
+        status = "finished" if finished else "error" if result.error else "stopped"
+        rows.append({"trial": name, "status": status, "epochs": int(last.get("step", 0)),
+                     METRIC: last.get(METRIC, math.nan), "seconds": last.get("epoch_seconds", math.nan)}
+                    | {k: str(v) for k, v in result.config.items()})
     table = pd.DataFrame(rows)
     order = table.assign(_finished=table["status"] == "finished").sort_values(
         ["_finished", METRIC], ascending=False, na_position="last")

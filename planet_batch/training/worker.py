@@ -311,7 +311,7 @@ class Worker:
         stage = self.cfg.stages[pos.stage]
         valid = ray.train.get_dataset_shard(f"valid_{stage.size}_{self.rank}")
         probs, targets, loss_sum = evaluate(self.raw, valid, self.cfg.batch_size, self.device,
-                                            self.plan.normalization, self.precision)
+                                            self.plan.normalization, self.precision, self.cfg.valid_tta)
         shares = gather(replace(share, probs=probs, targets=targets, valid_loss_sum=loss_sum))
         probs = np.concatenate([s.probs for s in shares])
         targets = np.concatenate([s.targets for s in shares])

@@ -92,8 +92,9 @@ def test_a_bad_search_space_is_one_line_exit_2_before_ray(demo_root, tmp_path, c
 # ----------------------------------------------------------------------------------------------
 # A search on a real local Ray, as a user runs it: killed once, then the same command again
 
-# Three trials, two at a time on 2 CPUs (each one worker of half a CPU beside Ray Data's). The third's validation
-# F2 is near 0 by construction (threshold 0.99: it predicts almost no tag), so ASHA stops it at its first rung.
+# Three trials, two at a time on 2 CPUs (each one worker of half a CPU beside Ray Data's), validating with TTA. The
+# third's validation F2 is near 0 by construction (threshold 0.99: it predicts almost no tag), so ASHA stops it at
+# its first rung.
 SEARCH = {"trials": 1, "grace_epochs": 1, "space": {"threshold": {"grid": [0.2, 0.3, 0.99]}}}
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,7 +111,7 @@ def searched(demo_root, tmp_path_factory, mlflow_server):
     """The search's driver killed once its first trial has finished, then the same command again."""
     tmp = tmp_path_factory.mktemp("tune")
     config, space, out = tmp / "base.yaml", tmp / "space.yaml", tmp / "search"
-    config.write_text(yaml.safe_dump(to_dict(base())))
+    config.write_text(yaml.safe_dump(to_dict(base("valid_tta=true"))))
     space.write_text(yaml.safe_dump(SEARCH))
     env = {"MLFLOW_TRACKING_URI": mlflow_server.uri}
     first = tune_cli(config, space, demo_root, out, env)
@@ -149,13 +150,32 @@ def test_a_search_ranks_its_trials_and_asha_stops_the_bad_one(searched):
     assert "search: 3 trials" in searched["console"] and "best first" in searched["console"]
 
 
+def test_validation_with_tta_scores_what_score_tta_predicts(searched, demo_root):
+    """valid_tta: a finished trial's last epoch F2 is its export's TTA prediction on its validation chips (the
+    export holds the last epoch's weights), not the plain one."""
+    from planet_batch.data.datasets import train_valid_split
+    from planet_batch.export import load_export
+    from planet_batch.training.folds import predict
+    from planet_batch.training.metrics import fbeta
+
+    table = pd.read_csv(searched["out"] / "results.csv")
+    trial = searched["out"] / "trials" / table.iloc[0]["trial"]
+    cfg, export = load_config(TrainConfig, trial / "config.yaml"), load_export(trial / "export")
+    assert cfg.valid_tta
+    _, valid = train_valid_split(demo_root, cfg.valid_pct, cfg.seed)
+    last = pd.read_csv(trial / "metrics.csv")["fbeta"].iloc[-1]
+    with_tta, plain = (fbeta(predict(export, valid, "fp32", tta=tta), valid.targets, cfg.threshold)
+                       for tta in (True, False))
+    assert with_tta == pytest.approx(last, abs=1e-4) and plain != pytest.approx(last, abs=1e-4), (last, plain)
+
+
 def test_the_best_config_is_one_train_runs_as_is(searched):
     from planet_batch.cli import build_parser, train_config
 
     best = searched["out"] / "best.yaml"
     table = pd.read_csv(searched["out"] / "results.csv")
     cfg = train_config(build_parser().parse_args(["train", "--config", str(best), "--data", "d", "--out", "o"]))
-    assert cfg == trial_config(base(), {"threshold": float(table.iloc[0]["threshold"])})
+    assert cfg == trial_config(base("valid_tta=true"), {"threshold": float(table.iloc[0]["threshold"])})
     trial = searched["out"] / "trials" / table.iloc[0]["trial"]
     assert load_config(TrainConfig, trial / "config.yaml") == cfg
 
