@@ -36,13 +36,14 @@ from planet_batch.config import (
     config_model,
     flag,
     from_dict,
+    load_config,
     read_yaml,
     save_config,
     to_dict,
 )
-from planet_batch.tracking import Run, Tracker, flat_params, tracked
+from planet_batch.tracking import RUN_FILE, Run, Tracker, flat_params, tracked
 from planet_batch.training.folds import finished_export
-from planet_batch.training.run_folder import check_run_folder, mark_run_folder
+from planet_batch.training.run_folder import RUN_ID_FILE, mark_run_folder, same_run
 from planet_batch.training.train import SubRun, TrainError, run_training
 from planet_batch.training.worker import run_seconds
 
@@ -272,17 +273,42 @@ def trial_name_of(result) -> str:
     return Path(result.path).name
 
 
+SEARCH_WRITTEN = ("config.yaml", "space.yaml", "results.csv", "best.yaml", "trials", "tune", RUN_FILE)
+
+
+def claim_search_folder(out: Path, cfg: TrainConfig, space: SearchSpace) -> None:
+    """A search folder holds one search: the same config and space go on where it stopped; another is refused, and
+    so is a folder holding what a search would write but did not write. Writes nothing."""
+    if not (out / RUN_ID_FILE).is_file():
+        if out.exists() and not out.is_dir():
+            raise TrainError(f"search folder {out} is a file; give another --out")
+        theirs = [n for n in SEARCH_WRITTEN if (out / n).exists()]
+        if theirs:
+            raise TrainError(f"search folder {out} holds {', '.join(theirs)}, not written by planet-batch (no "
+                             f"{RUN_ID_FILE}): give another --out; nothing there is touched")
+        return
+    saved, saved_space = out / "config.yaml", out / "space.yaml"
+    differs = same_run(load_config(TrainConfig, saved), cfg) if saved.is_file() else None
+    if differs is None and saved_space.is_file() and load_space(saved_space) != space:
+        differs = "the search space"
+    if differs:
+        raise TrainError(f"search folder {out} holds a search of another config ({differs}): the same config and "
+                         "space go on with it; give another --out")
+
+
 def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path | str,
                tracker: Tracker | None = None) -> Path:
     """The search of `space` around `cfg` on `data` into the search folder `out`; the best config's YAML."""
     out = Path(out).resolve()
     check_space(cfg, space)  # every drawable value, before Ray
     check_bodies(cfg, space)
-    check_run_folder(out)
+    claim_search_folder(out, cfg, space)
     search = Search(cfg, space, locate(data), out, tracker)
+    if tracker:
+        mark_run_folder(out)
     parent = tracker.open(out.name, params=flat_params(to_dict(cfg)) | {"space": yaml.safe_dump(space.space)},
                           tags={"planet_batch.job": "tune", "planet_batch.run_folder": str(out)},
-                          keep_in=mark(out)) if tracker else None
+                          keep_in=out) if tracker else None
     with tracked(parent):
         ensure_ray()
         concurrent = space.concurrent or runs_that_fit(cfg.workers, cfg.cpus_per_worker, cfg.gpu, space.count)
@@ -308,11 +334,6 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
             parent.log_artifacts([out / "results.csv", best_yaml, out / "space.yaml"])
             parent.finish()
     return best_yaml
-
-
-def mark(out: Path) -> Path:
-    mark_run_folder(out)
-    return out
 
 
 def print_table(table: pd.DataFrame, seconds: float) -> None:

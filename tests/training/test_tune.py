@@ -89,6 +89,40 @@ def test_a_bad_search_space_is_one_line_exit_2_before_ray(demo_root, tmp_path, c
     assert not (tmp_path / "search").exists()
 
 
+def tune_argv(tmp_path: Path, demo_root: Path, space: dict, out: Path) -> list:
+    config, path = tmp_path / "base.yaml", tmp_path / "space.yaml"
+    config.write_text(yaml.safe_dump(to_dict(base())))
+    path.write_text(yaml.safe_dump(space))
+    return ["tune", "--config", config, "--space", path, "--data", demo_root, "--out", out]
+
+
+def test_a_folder_with_files_a_search_would_write_is_refused_and_left_alone(demo_root, tmp_path, capsys, no_ray):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "best.yaml").write_text("my own notes\n")
+    (out / "results.csv").write_text("a,b\n")
+    line = refused(tmp_path, capsys, *tune_argv(tmp_path, demo_root, SEARCH, out))
+    assert line == (f"search folder {out} holds results.csv, best.yaml, not written by planet-batch (no run.json): "
+                    "give another --out; nothing there is touched")
+
+
+def test_a_search_folder_of_another_space_or_config_is_refused(demo_root, tmp_path, capsys, no_ray):
+    from planet_batch.config import save_config
+    from planet_batch.training.run_folder import mark_run_folder
+
+    out = tmp_path / "search"
+    mark_run_folder(out)  # a search folder, as a first run leaves it
+    save_config(base(), out / "config.yaml")
+    save_config(from_dict(SearchSpace, SEARCH), out / "space.yaml")
+    other = {**SEARCH, "space": {"threshold": {"grid": [0.2, 0.5]}}}
+    line = refused(tmp_path, capsys, *tune_argv(tmp_path, demo_root, other, out))
+    assert line == (f"search folder {out} holds a search of another config (the search space): the same config "
+                    "and space go on with it; give another --out")
+    argv = tune_argv(tmp_path, demo_root, SEARCH, out)
+    line = refused(tmp_path, capsys, *argv, "--set", "dropout=0.25")
+    assert line.startswith(f"search folder {out} holds a search of another config (dropout: 0.5 -> 0.25)")
+
+
 # ----------------------------------------------------------------------------------------------
 # A search on a real local Ray, as a user runs it: killed once, then the same command again
 
