@@ -22,7 +22,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pandas as pd
 import yaml
@@ -49,13 +49,14 @@ from planet_batch.training.worker import run_seconds
 
 log = logging.getLogger("planet_batch.training.train")  # the run's console lines (docs/console.md)
 
-DOMAINS = ("grid", "choice", "uniform", "loguniform", "randint")
+Domain = Literal["grid", "choice", "uniform", "loguniform", "randint"]
+DOMAINS = get_args(Domain)
 METRIC = "fbeta"  # validation F2 at the config's threshold, every epoch
 
 
 @config_model
 class SearchSpace:
-    space: dict[str, dict[Literal["grid", "choice", "uniform", "loguniform", "randint"], Any]] = flag(
+    space: dict[str, dict[Domain, Any]] = flag(
         help="FIELD: {grid: [...]} | {choice: [...]} | {uniform: [LO, HI]} | {loguniform: [LO, HI]} | "
         "{randint: [LO, HI]}; FIELD is a config path as --set takes it (stages.0.lr), stages.*.FIELD for every "
         "stage", min_length=1)
@@ -303,7 +304,7 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
     check_space(cfg, space)  # every drawable value, before Ray
     check_bodies(cfg, space)
     claim_search_folder(out, cfg, space)
-    search = Search(cfg, space, locate(data), out, tracker)
+    data = locate(data)
     if tracker:
         mark_run_folder(out)
     parent = tracker.open(out.name, params=flat_params(to_dict(cfg)) | {"space": yaml.safe_dump(space.space)},
@@ -312,7 +313,7 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
     with tracked(parent):
         ensure_ray()
         concurrent = space.concurrent or runs_that_fit(cfg.workers, cfg.cpus_per_worker, cfg.gpu, space.count)
-        search = Search(cfg, space, search.data, out, tracker, parent, concurrent)
+        search = Search(cfg, space, data, out, tracker, parent, concurrent)
         mark_run_folder(out)
         save_config(cfg, out / "config.yaml")
         write_atomic(out / "space.yaml", lambda p: p.write_text(yaml.safe_dump(to_dict(space), sort_keys=False)))
