@@ -42,6 +42,7 @@ def test_the_worker_room_leaves_ray_data_its_cpus():
     ({"CPU": 2.0}, 1, 0.5, False, 5, 2),  # 2 cores: two half-CPU workers beside Ray Data's CPU
     ({"CPU": 2.0}, 1, 1.0, False, 5, 1),
     ({"CPU": 16.0}, 2, 1.0, False, 3, 3),  # no more than asked for
+    ({"CPU": 16.0}, 4, 1.0, False, 8, 3),  # 15 CPUs beside Ray Data's hold three groups of 4 workers
     ({"CPU": 64.0, "GPU": 4.0}, 2, 1.0, True, 8, 2),  # two GPUs a run
     ({"CPU": 1.0}, 1, 1.0, False, 4, 1),  # at least one (its capacity check says why it cannot run)
     ({"CPU": 2.0}, 0, 1.0, False, 4, 1),  # local mode: a worker group of one
