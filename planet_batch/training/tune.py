@@ -338,6 +338,6 @@ def run_search(cfg: TrainConfig, space: SearchSpace, data: Path | str, out: Path
 
 
 def print_table(table: pd.DataFrame, seconds: float) -> None:
-    shown = table.assign(seconds=table["seconds"].round())
+    shown = table.assign(seconds=table["seconds"].map(lambda s: "" if math.isnan(s) else f"{s:.0f}"))
     log.info("search: %d trials in %.0f s, best first\n%s", len(table), seconds,
              shown.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
