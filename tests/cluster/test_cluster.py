@@ -119,7 +119,7 @@ def test_scoring_resumes_after_the_head_node_is_lost(tmp_path):
     out.parent.mkdir()
     work = out.parent / "submission.csv.parts"
     command = (f"python jobs/score.py --model {export} --data {data} --out {out} --batch-size 16 --shard-rows 50 "
-               "--precision fp32")
+               "--precision fp32 --no-tta")
 
     (tmp_path / "first").mkdir()
     (tmp_path / "second").mkdir()

@@ -51,7 +51,7 @@ def train_workers(c, job) -> list[dict]:
 
 def score_job(c, data, out, *extra):
     return run_job(c, f"python jobs/score.py --model {c['export']} --data {data} --out {out} --batch-size 16 "
-                      "--precision fp32 " + " ".join(extra))
+                      "--precision fp32 --no-tta " + " ".join(extra))
 
 
 def test_the_worker_node_really_cannot_see_the_data(split_disk):

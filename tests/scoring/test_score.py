@@ -52,6 +52,7 @@ def score(tmp_path, export_dir, **kw):
     kw.setdefault("out", str(tmp_path / "submission.csv"))
     kw.setdefault("precision", "fp32")  # compared with the fp32 plain loop; bf16 has its own test
     kw.setdefault("batch_size", 8)
+    kw.setdefault("tta", False)  # compared with the plain loop's one view; TTA has its own test
     return run_scoring(ScoreConfig(model=str(export_dir), **kw))
 
 

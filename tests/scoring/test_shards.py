@@ -105,7 +105,7 @@ def test_a_rerun_with_another_model_size_or_tta_is_refused_and_overwrite_starts_
     other = tiny_export(tmp_path / "other", 64)
 
     def reopen(model, **kw):
-        cfg = ScoreConfig(model=(str(model),), data=str(demo_root), out=str(tmp_path / "s.csv"), **kw)
+        cfg = ScoreConfig(model=(str(model),), data=str(demo_root), out=str(tmp_path / "s.csv"), **{"tta": False, **kw})
         ensemble = load_ensemble(cfg.model)
         weights = [m.weights.read_bytes() for m in ensemble.members]
         return scoring.open_work_folder(cfg, locate(cfg.out), ensemble, weights, scoring.expected_images(cfg))

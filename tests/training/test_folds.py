@@ -144,7 +144,8 @@ def test_the_ensemble_export_scores_the_mean_of_its_folds_with_oof_thresholds(fo
     assert [str(m.weights.parent) for m in ensemble.members] == [str(folded["run"] / f"fold-{i}" / "export")
                                                                    for i in range(3)]
     summary = run_scoring(ScoreConfig(model=str(folded["export"]), data=str(demo_root), out=str(tmp_path / "s.csv"),
-                                      probs_out=str(tmp_path / "p.parquet"), threshold="tuned", precision="fp32"),
+                                      probs_out=str(tmp_path / "p.parquet"), threshold="tuned", precision="fp32",
+                                      tta=False),
                           folded["tracker"])
     assert summary.scored == 40
     # The scoring run: its summary, linked to the training run of the model it scored (the folds' parent)
