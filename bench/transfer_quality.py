@@ -43,17 +43,17 @@ FROM_SCRATCH = {  # the float lr is the notebook's `slice(lr)`: the head at lr, 
 def write_pool(data: Path, out: Path, test_chips: int, test_seed: int):
     """The chips that are not test chips as a data folder of links (train-jpg/, train_v2.csv); the test Split."""
     from planet_batch.data.datasets import labelled_split
-    from planet_batch.data.labels import TAGS
+    from planet_batch.data.labels import decode
     from planet_batch.data.layout import split_indices
 
     every = labelled_split(data)
     pool_idx, test_idx = split_indices(every.names, test_chips / len(every), test_seed)
     (out / "train-jpg").mkdir(parents=True)
-    rows = ["image_name,tags"]
-    for i in pool_idx:
-        (out / "train-jpg" / f"{every.names[i]}.jpg").symlink_to(Path(every.paths[i]).resolve())
-        rows.append(f"{every.names[i]},{' '.join(t for t, on in zip(TAGS, every.targets[i]) if on)}")
-    (out / "train_v2.csv").write_text("\n".join(rows) + "\n")
+    pool = every.part(pool_idx)
+    for name, path in zip(pool.names, pool.paths):
+        (out / "train-jpg" / f"{name}.jpg").symlink_to(Path(path).resolve())
+    rows = [f"{name},{tags}" for name, tags in zip(pool.names, decode(pool.targets, 0.5))]  # multi-hot back to tags
+    (out / "train_v2.csv").write_text("\n".join(["image_name,tags", *rows]) + "\n")
     return every.part(test_idx)
 
 
@@ -111,11 +111,10 @@ def run_folds(args, seed: int, pool: Path, test, out: Path) -> dict:
     t0 = time.perf_counter()
     export = train(cfg, pool, out / f"folds-{seed}")
     wall = time.perf_counter() - t0
-    ensemble = load_model(export)
+    members = load_model(export).members
     held = {f.name: f.held_out for f in make_folds(locate(pool), args.folds, seed)}
-    names = json.loads((export / "model.json").read_text())["members"]  # fold-i/export
-    pairs = [(m, held[name.split("/")[0]]) for m, name in zip(ensemble.members, names)]
-    return {**score_models(ensemble.members, pairs, test), "wall_s": wall}
+    pairs = [(m, held[m.weights.parent.parent.name]) for m in members]  # RUN/fold-i/export/
+    return {**score_models(members, pairs, test), "wall_s": wall}
 
 
 FASTAI_RUN = r'''
@@ -155,8 +154,9 @@ print("RESULT " + json.dumps(out))
 
 
 def run_fastai(args, seed: int, pool: Path, test, out: Path) -> dict:
+    from planet_batch.config import to_dict
     from planet_batch.data.datasets import train_valid_split
-    from planet_batch.data.labels import TAGS
+    from planet_batch.data.labels import decode
     from planet_batch.weights import import_packaged
 
     cfg = config(args, seed)
@@ -165,15 +165,11 @@ def run_fastai(args, seed: int, pool: Path, test, out: Path) -> dict:
     train, valid = train_valid_split(pool, cfg.valid_pct, seed)
     weights = str(import_packaged(cfg.arch, out / "weights.safetensors")) if cfg.weights == "imagenet" else None
 
-    def tags(split):
-        return [" ".join(t for t, on in zip(TAGS, row) if on) for row in split.targets]
-
     spec = {"seed": seed, "images": str(pool / "train-jpg"), "arch": cfg.arch, "weights_file": weights,
             "size": cfg.stages[0].size, "bs": cfg.batch_size * max(cfg.workers, 1),
-            "stages": [{"frozen": s.frozen, "epochs": s.epochs, "lr": s.lr if isinstance(s.lr, float) else list(s.lr)}
-                       for s in cfg.stages],
-            "train": list(train.names), "valid": list(valid.names), "train_tags": tags(train),
-            "valid_tags": tags(valid), "test": list(test.paths)}
+            "stages": to_dict(cfg)["stages"], "train": list(train.names), "valid": list(valid.names),
+            "train_tags": decode(train.targets, 0.5), "valid_tags": decode(valid.targets, 0.5),
+            "test": list(test.paths)}
     run = subprocess.run([os.environ["FAI_PYTHON"], "-c", FASTAI_RUN, json.dumps(spec)], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = [s for s in run.stdout.splitlines() if s.startswith("RESULT ")]
