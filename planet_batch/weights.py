@@ -122,10 +122,30 @@ def timm_model(name: str, weights: str) -> nn.Module:
         return net
     if cfg is None or not (cfg.hf_hub_id or cfg.url):
         raise WeightsError(f"timm/{name} has no ImageNet weights in timm; use weights: none or PATH")
+    if cfg.hf_hub_id and (unreachable := hub_unreachable(cfg.hf_hub_id)):
+        raise WeightsError(missing_hub_weights(name, cfg, unreachable))
     try:
         return timm.create_model(name, pretrained=True, num_classes=0)
     except Exception as e:  # noqa: BLE001 - the hub client and timm raise many kinds; all mean "not here"
         raise WeightsError(missing_hub_weights(name, cfg, e)) from None
+
+
+def hub_unreachable(repo: str) -> Exception | None:
+    """Why the hub cannot be asked for REPO's weights when they are not cached, else None. A lookup of an uncached
+    file that gets no answer is retried 5 times with backoff by huggingface_hub (measured: 50 s of retry warnings
+    on a machine without internet, before timm's error); one lookup without retries answers in 0.2 s."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
+
+    if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+        return None
+    try:
+        get_hf_file_metadata(hf_hub_url(repo, "model.safetensors"))
+    except HfHubHTTPError:  # the hub answered (a repo with only pytorch_model.bin, say): timm goes on from here
+        return None
+    except Exception as e:  # noqa: BLE001 - no answer: offline mode, no DNS, refused, a timeout
+        return e
+    return None
 
 
 def missing_hub_weights(name: str, cfg, error: Exception) -> str:

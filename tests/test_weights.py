@@ -191,3 +191,21 @@ def test_import_weights_of_a_body_without_a_package_is_one_line_naming_the_three
                    tmp_path / "lite3.pt")
     assert line == ("--arch timm/tf_efficientnet_lite3: no packaged ImageNet weights; known: "
                     "timm/tf_efficientnet_lite0, timm/tf_efficientnet_lite1, timm/tf_efficientnet_lite2")
+
+
+def test_hub_weights_neither_cached_nor_reachable_fail_at_once_without_retries(monkeypatch, caplog):
+    """huggingface_hub retries a lookup whose file is not cached 5 times with backoff (50 s of warnings measured on
+    a machine without internet); the error must come first and alone."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    unreachable = "http://127.0.0.1:9"  # nothing listens: refused at once, as on a machine without internet
+    monkeypatch.setattr(constants, "ENDPOINT", unreachable)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", f"{unreachable}/{{repo_id}}/resolve/{{revision}}/"
+                        "{filename}")
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsError, match=r"not in the Hugging Face cache and cannot be downloaded \(.*refused"):
+        timm_model("efficientnet_lite0", "imagenet")
+    assert time.perf_counter() - t0 < 5 and "Retrying" not in caplog.text
