@@ -29,7 +29,7 @@ def score(cluster, export, images, out, *extra) -> dict:
     if not str(out).startswith("s3://"):
         Path(out).parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    run_job(cluster, f"python jobs/score.py --model {export} --images {images} --out {out} {' '.join(extra)}",
+    run_job(cluster, f"python jobs/score.py --model {export} --images {images} --out {out} --no-tta {' '.join(extra)}",
             timeout=1800)
     wall = time.perf_counter() - t0
     if str(out).startswith("s3://"):

@@ -98,9 +98,11 @@ def ray_rates(export_dir: Path, folder: Path, n: int, batch: int, out: Path, cpu
     from planet_batch.scoring import score
 
     t0 = time.perf_counter()
+    # One view, as the plain loop it is compared with (TTA's 8 views have their own row in docs/performance.md).
     score.run_scoring(ScoreConfig(model=str(export_dir), images=str(folder), out=str(out), batch_size=batch,
                                   cpus_per_actor=cpus_per_actor, gpus_per_actor=str(gpus_per_actor), overwrite=True,
-                                  shard_rows=shard_rows, keep_parts=True, precision=precision, compile=compile))
+                                  shard_rows=shard_rows, keep_parts=True, precision=precision, compile=compile,
+                                  tta=False))
     wall = time.perf_counter() - t0
     commits = [p for p in (out.parent / f"{out.name}.parts" / "commits").glob("*.parquet")]
     arrivals = sorted((p.stat().st_mtime, pq.ParquetFile(p).metadata.num_rows) for p in commits)
@@ -120,7 +122,7 @@ def peak_rss_mb(n: int, arch: str, size: int) -> float:
         "from planet_batch.scoring.score import run_scoring; from planet_batch.config import ScoreConfig;"
         f"d=Path(tempfile.mkdtemp()); make_images(d/'img', {n}); e=make_export(d/'export', '{arch}', {size});"
         "ray.init(num_cpus=2, log_to_driver=False);"
-        "run_scoring(ScoreConfig(model=str(e), images=str(d/'img'), out=str(d/'s.csv')));"
+        "run_scoring(ScoreConfig(model=str(e), images=str(d/'img'), out=str(d/'s.csv'), tta=False));"
         "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
@@ -134,6 +136,7 @@ def main():
     p.add_argument("--arch", default="resnet34")
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--forward-seconds", type=float, default=15.0, help="how long (a) runs")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--cpus-per-actor", type=float, default=ScoreConfig.cpus_per_actor)
     p.add_argument("--modes", nargs="+", default=["fp32/off", "auto/auto"],
@@ -161,7 +164,7 @@ def main():
         tmp = Path(tmp)
         paths = make_images(tmp / "images", args.n_images)
         export = make_export(tmp / "export", args.arch, args.size)
-        fwd = forward_rate(export, args.batch_size, args.threads, device)
+        fwd = forward_rate(export, args.batch_size, args.threads, device, args.forward_seconds)
         print(f"(a) pure forward: {fwd:.1f} img/s", flush=True)
         plain = plain_loop_rate(export, paths, args.batch_size, args.threads, device, tmp / "plain.csv")
         print(f"(b) plain loop: {plain:.1f} img/s", flush=True)
