@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -109,7 +110,9 @@ class Predictor:
         """uint8 NHWC images on the actor's device: one copy (through the pinned buffer, not waited for, on a GPU)."""
         import torch
 
-        x = torch.from_numpy(images)
+        with warnings.catch_warnings():  # a batch that is one whole block arrives read-only (zero copy from the
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable")  # object store); it is only read
+            x = torch.from_numpy(images)
         if self.pinned is None:
             return x
         staged = self.pinned[:len(x)]

@@ -149,3 +149,17 @@ def test_batch_size_and_precision_by_device():
     if not torch.cuda.is_available():
         assert actor_mode(score_cfg(), 1.0, 1).precision == "auto"  # each GPU actor resolves it on its GPU
     assert actor_mode(score_cfg(), 0.0, 1).precision == resolve_precision("auto", torch.device("cpu"))
+
+
+def test_a_read_only_batch_is_uploaded_without_a_warning():
+    """Ray Data hands an actor a batch that is one whole block straight from the object store, read-only; torch's
+    warning about it reached the console (make demo) though the batch is never written."""
+    import types
+    import warnings
+
+    images = np.zeros((2, 4, 4, 3), dtype=np.uint8)
+    images.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = Predictor.upload(types.SimpleNamespace(pinned=None), images)
+    assert x.shape == (2, 4, 4, 3)
